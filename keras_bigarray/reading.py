@@ -1,0 +1,87 @@
+"""Reading: a batch of row indices from the sampler becomes a structure of numpy
+arrays (x, y, sample_weight; tuples and dicts for multi-input models), in the
+storage dtype, with zero-filled padding rows and their 0/1 weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from keras_bigarray.sampling import Sampler
+from keras_bigarray.sources import BigArray
+
+__all__ = ["BatchReadError", "BatchReader", "flatten", "map_structure"]
+
+
+class BatchReadError(RuntimeError):
+    """A batch could not be read; the message names the batch and the source."""
+
+
+def map_structure(fn: Callable[[Any], Any], s: Any, path: str = "") -> Any:
+    """Applies `fn(leaf, path)` to every leaf of nested tuples, lists and dicts."""
+    if isinstance(s, dict):
+        return {k: map_structure(fn, v, f"{path}[{k!r}]") for k, v in s.items()}
+    if isinstance(s, (tuple, list)):
+        return type(s)(map_structure(fn, v, f"{path}[{i}]") for i, v in enumerate(s))
+    return fn(s, path)
+
+
+def flatten(s: Any) -> list[Any]:
+    """The leaves of a structure, in `map_structure` order."""
+    leaves: list[Any] = []
+    map_structure(lambda leaf, _: leaves.append(leaf), s)
+    return leaves
+
+
+class BatchReader:
+    """Reads batch `(epoch, index)` of a `Sampler` from a structure of sources.
+
+    Picklable: sources travel as paths and reopen in the receiving process, so
+    any worker can read any batch.
+
+    Args:
+        data: `(x, y, sample_weight)`, each a structure of `BigArray` or None.
+        sampler: the `Sampler` deciding each batch's rows.
+        row_offset: added to every sampled row (a dataset over rows `a:b`).
+    """
+
+    def __init__(self, data: tuple[Any, Any, Any], sampler: Sampler, row_offset: int = 0):
+        self.data = data
+        self.sampler = sampler
+        self.row_offset = int(row_offset)
+
+    def read(self, epoch: int, index: int) -> tuple[Any, ...]:
+        """Batch `index` of `epoch` as `(x,)`, `(x, y)` or `(x, y, sample_weight)`."""
+        rows, num_real = self.sampler.batch(epoch, index)
+        rows = rows + self.row_offset if self.row_offset else rows
+        size = self.sampler.batch_size if self.sampler.pad_remainder else num_real
+
+        def load(src: BigArray, path: str) -> np.ndarray:
+            try:
+                got = src.read_sorted(rows)
+            except Exception as e:
+                raise BatchReadError(
+                    f"reading batch {index} of epoch {epoch} from {path or 'x'} = "
+                    f"{src!r} failed: {type(e).__name__}: {e}"
+                ) from e
+            if size == num_real:
+                return got
+            out = np.zeros((size, *src.shape[1:]), dtype=src.dtype)
+            out[:num_real] = got
+            return out
+
+        x, y, sw = self.data
+        bx = map_structure(load, x, "x")
+        by = None if y is None else map_structure(load, y, "y")
+        bw = None if sw is None else map_structure(load, sw, "sample_weight")
+        if self.sampler.pad_remainder:
+            mask = np.zeros(size, dtype=np.float32)
+            mask[:num_real] = 1.0
+            bw = mask if bw is None else map_structure(lambda w, _: w * mask, bw)
+        if bw is not None:
+            return bx, by, bw
+        if by is not None:
+            return bx, by
+        return (bx,)

@@ -1,0 +1,650 @@
+"""Sources: `open_array` turns a path, a list of shards or an array-like into a
+`BigArray`, a lazy, read-only, picklable view of one array indexed on axis 0.
+numpy only; the HDF5 source lives in `_hdf5.py` and imports h5py on first use."""
+
+from __future__ import annotations
+
+import abc
+import glob as _glob
+import math
+import mmap
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from keras_bigarray import _index
+
+__all__ = [
+    "BigArray",
+    "DuckArray",
+    "MemoryArray",
+    "NpyArray",
+    "RawArray",
+    "ShardedArray",
+    "SupportsArrayRead",
+    "open_array",
+]
+
+# Rows of at least this many bytes make one natural I/O block when the format
+# has no block of its own: large enough for sequential disk reads (readahead is
+# 128 KiB by default on Linux), small enough that a window of 16 blocks stays in
+# the page cache of a small machine.
+DEFAULT_BLOCK_BYTES = 1 << 20
+
+_NPY_MAGIC = b"\x93NUMPY"
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nc")
+
+
+@runtime_checkable
+class SupportsArrayRead(Protocol):
+    """The duck-typed arrays `open_array` accepts (zarr, dask, h5py, ...)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    def __getitem__(self, key: Any) -> Any: ...
+
+
+def _check_dtype(dtype: np.dtype, what: str) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise TypeError(
+            f"{what} has dtype {dtype}, which holds Python objects; keras-bigarray "
+            "reads numeric arrays only (object arrays would need pickle, which "
+            "can run code). Store numbers, e.g. with np.asarray(a, dtype='float32')."
+        )
+    return dtype
+
+
+class BigArray(abc.ABC):
+    """A lazy, read-only view of one array, read by rows (axis 0).
+
+    Indexing follows numpy for the first axis and always returns a new
+    `np.ndarray` in the storage dtype: `x[3]`, `x[10:20]`, `x[[5, 2, 9]]`,
+    `x[mask]`, `x[idx, :, 0]`. Pickling carries the path and parameters, never
+    the data, and the receiving process reopens the file on first read.
+
+    Example:
+
+    ```python
+    x = kb.open_array("x.npy")
+    x.shape, x.dtype, len(x)
+    batch = x[np.array([5, 2, 9])]  # rows 5, 2, 9, in that order
+    ```
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    # ---- what a format implements -------------------------------------------
+    @abc.abstractmethod
+    def _read_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows `start:stop` as a new array (0 <= start <= stop <= len)."""
+
+    def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
+        """Rows at sorted, unique, in-range indices. Default: one read a run."""
+        starts, stops = _index.runs(idx)
+        if starts.size == 1:
+            return self._read_range(int(starts[0]), int(stops[0]))
+        out = np.empty((idx.size, *self.shape[1:]), dtype=self.dtype)
+        pos = 0
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            out[pos : pos + b - a] = self._read_range(a, b)
+            pos += b - a
+        return out
+
+    @property
+    def block_rows(self) -> int:
+        """Rows in the natural I/O block (an HDF5 chunk, or about 1 MiB)."""
+        return max(1, DEFAULT_BLOCK_BYTES // max(1, self.row_nbytes))
+
+    @property
+    def compressed(self) -> bool:
+        """True when one row costs decoding a whole block (compressed HDF5)."""
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        """What `keras-bigarray inspect` prints about this array."""
+        return {
+            "kind": type(self).__name__,
+            "shape": self.shape,
+            "dtype": str(self.dtype),
+            "nbytes": self.nbytes,
+            "row_nbytes": self.row_nbytes,
+            "block_rows": self.block_rows,
+            "compressed": self.compressed,
+        }
+
+    # ---- the array surface ----------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes in one row (one index on axis 0)."""
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read_sorted(self, idx: np.ndarray) -> np.ndarray:
+        """Rows at sorted, in-range int64 indices (duplicates allowed).
+
+        The batch primitive of the reading layer: no sorting, one pass of
+        coalesced reads.
+        """
+        n = idx.size
+        if n == 0:
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        first, last = int(idx[0]), int(idx[-1])
+        if last - first + 1 == n:  # one contiguous run: a plain slice
+            return self._read_range(first, last + 1)
+        if n > 1 and not np.all(idx[1:] != idx[:-1]):
+            uniq, inverse = np.unique(idx, return_inverse=True)
+            return self._read_sorted(uniq)[inverse]
+        return self._read_sorted(idx)
+
+    def take(self, indices: Any) -> np.ndarray:
+        """Rows at `indices`, in the order given (numpy `take` on axis 0)."""
+        idx = _index.normalize_indices(indices, len(self))
+        flat = idx.reshape(-1)
+        if _index.is_sorted(flat):
+            rows = self.read_sorted(flat)
+        else:
+            order = np.argsort(flat, kind="stable")
+            rows = _index.restore_order(self.read_sorted(flat[order]), order)
+        return rows.reshape(idx.shape + self.shape[1:])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rest: tuple[Any, ...] = ()
+        if isinstance(key, tuple):
+            if not key:
+                key = slice(None)
+            else:
+                key, rest = key[0], key[1:]
+        if key is Ellipsis:
+            key, rest = slice(None), (Ellipsis, *rest)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step == 1:
+                out = self._read_range(start, max(start, stop))
+            else:
+                out = self.take(np.arange(start, stop, step, dtype=np.int64))
+        elif isinstance(key, (int, np.integer)):
+            i = _index.normalize_int(key, len(self))
+            out = self._read_range(i, i + 1)[0]
+            return out[rest] if rest else out
+        elif key is None or isinstance(key, str):
+            raise TypeError(f"unsupported index {key!r} for {self!r}")
+        else:
+            out = self.take(key)
+        if rest:
+            out = out[(slice(None), *rest)]
+        return out
+
+    def __iter__(self):  # rows, as numpy would, but in blocks
+        step = self.block_rows
+        for start in range(0, len(self), step):
+            yield from self._read_range(start, min(start + step, len(self)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._where()}, shape={self.shape}, dtype={self.dtype})"
+
+    def _where(self) -> str:
+        return "<memory>"
+
+
+class _MemmapArray(BigArray):
+    """Shared reading for every format whose bytes lie contiguous in a file."""
+
+    def __init__(
+        self,
+        path: str,
+        dtype: np.dtype,
+        shape: tuple[int, ...],
+        offset: int,
+        fortran_order: bool = False,
+    ):
+        self.path = os.fspath(path)
+        self.dtype = _check_dtype(dtype, f"'{self.path}'")
+        self.shape = tuple(int(s) for s in shape)
+        self.offset = int(offset)
+        self.fortran_order = bool(fortran_order) and len(self.shape) > 1
+        self._mm: np.memmap | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_mm"] = None
+        return state
+
+    def _map(self) -> np.ndarray:
+        mm = self._mm
+        if mm is None:
+            if self.nbytes == 0:
+                mm = np.empty(self.shape, dtype=self.dtype)
+            else:
+                try:
+                    mm = np.memmap(
+                        self.path,
+                        dtype=self.dtype,
+                        mode="r",
+                        offset=self.offset,
+                        shape=self.shape,
+                        order="F" if self.fortran_order else "C",
+                    )
+                except (OSError, ValueError) as e:
+                    raise OSError(f"cannot map '{self.path}': {e}") from e
+            self._mm = mm
+        return mm
+
+    def _read_range(self, start: int, stop: int) -> np.ndarray:
+        return np.array(self._map()[start:stop], order="C")
+
+    def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
+        # One C loop over the rows; for page-cache-resident data this is the
+        # bare `np.take` the benchmarks compare against.
+        return np.take(self._map(), idx, axis=0)
+
+    def _where(self) -> str:
+        return repr(self.path)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "path": self.path, "offset": self.offset}
+
+
+class NpyArray(_MemmapArray):
+    """A `.npy` file, read through a read-only memory map (never unpickled)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        path = os.fspath(path)
+        shape, fortran_order, dtype, offset = _read_npy_header(path)
+        super().__init__(path, dtype, shape, offset, fortran_order)
+        if not self.shape:
+            raise ValueError(
+                f"'{path}' holds a 0-d array (a scalar); a BigArray needs at "
+                "least one axis of rows."
+            )
+        if self.fortran_order:
+            warnings.warn(
+                f"'{path}' is stored in Fortran order, so each row is scattered "
+                "across the file and reads are slow. Rewrite it once in C order: "
+                "np.save(new_path, np.ascontiguousarray(np.load(path, "
+                "mmap_mode='r')))",
+                stacklevel=3,
+            )
+
+
+def _read_npy_header(path: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = fmt.read_array_header_2_0(f)
+            else:
+                shape, fortran, dtype = fmt._read_array_header(f, version)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, SyntaxError, EOFError) as e:
+        raise ValueError(
+            f"'{path}' is not a readable .npy file: {e}. For a raw binary file, "
+            "pass dtype= and shape= to open_array."
+        ) from e
+    dtype = _check_dtype(dtype, f"'{path}'")
+    need = math.prod(shape) * dtype.itemsize
+    have = os.path.getsize(path) - offset
+    if have < need:
+        raise ValueError(
+            f"'{path}' is truncated: its header says shape {tuple(shape)} "
+            f"{dtype} ({need} bytes of data) but the file holds {have} bytes "
+            "after the header. Re-create or re-copy the file."
+        )
+    return tuple(shape), bool(fortran), dtype, offset
+
+
+class RawArray(_MemmapArray):
+    """A headerless binary file of one dtype, C order, after `offset` bytes."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        dtype: Any,
+        shape: Sequence[int] | int | None = None,
+        offset: int = 0,
+    ):
+        path = os.fspath(path)
+        dtype = _check_dtype(dtype, f"raw file '{path}'")
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, received offset={offset}")
+        size = os.path.getsize(path)
+        if offset > size:
+            raise ValueError(
+                f"offset={offset} is past the end of '{path}' ({size} bytes)"
+            )
+        shape = _resolve_raw_shape(path, dtype, shape, size - offset)
+        super().__init__(path, dtype, shape, offset)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "format": "raw"}
+
+
+def _resolve_raw_shape(
+    path: str, dtype: np.dtype, shape: Sequence[int] | int | None, avail: int
+) -> tuple[int, ...]:
+    if shape is None:
+        shape = (-1,)
+    elif isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        raise ValueError(f"shape must have at least one axis, received shape={shape}")
+    unknown = [i for i, s in enumerate(shape) if s == -1]
+    if len(unknown) > 1 or any(s < -1 for s in shape):
+        raise ValueError(
+            f"shape may hold one -1 (the axis to infer) and otherwise sizes >= 0; "
+            f"received shape={shape}"
+        )
+    if unknown:
+        known = math.prod(s for s in shape if s != -1) * dtype.itemsize
+        if known == 0 or avail % known:
+            raise ValueError(
+                f"raw file '{path}' has {avail} bytes of data, not a whole number "
+                f"of {known}-byte rows of shape {shape} {dtype} (remainder "
+                f"{avail % known if known else avail} bytes). Check dtype=, "
+                "shape= and offset=."
+            )
+        shape = tuple(avail // known if s == -1 else s for s in shape)
+    else:
+        need = math.prod(shape) * dtype.itemsize
+        if need != avail:
+            raise ValueError(
+                f"raw file '{path}' has {avail} bytes of data but shape={shape} "
+                f"{dtype} needs {need}. Pass shape=(-1, ...) to infer the row "
+                "count, or fix dtype= or offset=."
+            )
+    return shape
+
+
+class MemoryArray(BigArray):
+    """An in-memory ndarray (pickles with its data, as numpy does)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = np.asarray(array)
+        self.dtype = _check_dtype(self.array.dtype, "the array")
+        self.shape = self.array.shape
+        if not self.shape:
+            raise ValueError("a 0-d array has no rows; pass an array with ndim >= 1")
+
+    def _read_range(self, start: int, stop: int) -> np.ndarray:
+        return np.array(self.array[start:stop], order="C")
+
+    def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
+        return np.take(self.array, idx, axis=0)
+
+
+class DuckArray(BigArray):
+    """Any object with `shape`, `dtype` and slicing on axis 0 (zarr, dask, ...)."""
+
+    def __init__(self, array: Any):
+        self.array = array
+        self.shape = tuple(int(s) for s in array.shape)
+        if not self.shape:
+            raise ValueError(f"{type(array).__name__} is 0-d; it has no rows")
+        self.dtype = _check_dtype(np.dtype(array.dtype), type(array).__name__)
+
+    def _read_range(self, start: int, stop: int) -> np.ndarray:
+        out = np.asarray(self.array[start:stop])
+        return np.array(out, dtype=self.dtype, order="C", copy=out is self.array)
+
+    def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
+        oindex = getattr(self.array, "oindex", None)  # zarr's orthogonal reads
+        if oindex is not None:
+            return np.asarray(oindex[idx], dtype=self.dtype)
+        return super()._read_sorted(idx)
+
+    @property
+    def block_rows(self) -> int:
+        chunks = getattr(self.array, "chunks", None)
+        if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], int):
+            return max(1, chunks[0])
+        return super().block_rows
+
+    def _where(self) -> str:
+        return type(self.array).__name__
+
+
+class ShardedArray(BigArray):
+    """Several arrays concatenated on axis 0 (a list or glob of `.npy` shards)."""
+
+    def __init__(self, parts: Sequence[BigArray]):
+        parts = list(parts)
+        if not parts:
+            raise ValueError("a sharded array needs at least one shard")
+        first = parts[0]
+        for p in parts[1:]:
+            if p.dtype != first.dtype:
+                raise ValueError(
+                    f"shard {p._where()} has dtype {p.dtype} but the first shard "
+                    f"{first._where()} has {first.dtype}; every shard must share "
+                    "one dtype."
+                )
+            if p.shape[1:] != first.shape[1:]:
+                raise ValueError(
+                    f"shard {p._where()} has rows of shape {p.shape[1:]} (shape "
+                    f"{p.shape}) but the first shard {first._where()} has "
+                    f"{first.shape[1:]} (shape {first.shape}); shards may differ "
+                    "in length only."
+                )
+        self.parts = parts
+        self.dtype = first.dtype
+        self.bounds = np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
+        self.shape = (int(self.bounds[-1]), *first.shape[1:])
+
+    def _split(self, idx: np.ndarray):
+        # idx sorted: each shard's rows are one contiguous slice of idx.
+        cuts = np.searchsorted(idx, self.bounds)
+        for k, part in enumerate(self.parts):
+            a, b = int(cuts[k]), int(cuts[k + 1])
+            if a < b:
+                yield part, a, b, int(self.bounds[k])
+
+    def _read_range(self, start: int, stop: int) -> np.ndarray:
+        return self._read_sorted(np.arange(start, stop, dtype=np.int64))
+
+    def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
+        pieces = [
+            part.read_sorted(idx[a:b] - base) for part, a, b, base in self._split(idx)
+        ]
+        if len(pieces) == 1:
+            return pieces[0]
+        if not pieces:
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        return np.concatenate(pieces)
+
+    @property
+    def block_rows(self) -> int:
+        return self.parts[0].block_rows
+
+    @property
+    def compressed(self) -> bool:
+        return any(p.compressed for p in self.parts)
+
+    def _where(self) -> str:
+        first, last = self.parts[0]._where(), self.parts[-1]._where()
+        return f"{len(self.parts)} shards: {first} ... {last}"
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "shards": len(self.parts)}
+
+
+# ---- open_array ------------------------------------------------------------------
+
+
+def _natural_key(s: str) -> list[Any]:
+    # "part-10" after "part-9", as a person numbers shards.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _glob_paths(pattern: str) -> list[str]:
+    paths = sorted(_glob.glob(pattern), key=_natural_key)
+    if not paths:
+        raise FileNotFoundError(f"no file matches the pattern '{pattern}'")
+    return paths
+
+
+def _file_magic(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(8)
+
+
+def _memmap_origin(mm: np.memmap) -> tuple[str, int] | None:
+    """The (file, byte offset) of a C-contiguous memmap or view of one."""
+    base = getattr(mm, "_mmap", None)
+    filename = getattr(mm, "filename", None)
+    if base is None or filename is None or not mm.flags.c_contiguous:
+        return None
+    try:
+        start = np.frombuffer(base, dtype=np.uint8).ctypes.data
+    except (TypeError, ValueError):
+        return None
+    aligned = mm.offset - mm.offset % mmap.ALLOCATIONGRANULARITY
+    return filename, aligned + (mm.ctypes.data - start)
+
+
+def open_array(
+    source: Any,
+    *,
+    key: str | None = None,
+    dtype: Any = None,
+    shape: Sequence[int] | int | None = None,
+    offset: int = 0,
+) -> BigArray:
+    """Opens an array on disk (or wraps one in memory) as a `BigArray`.
+
+    Nothing is read but headers and metadata; the file is never written.
+
+    Args:
+        source: a `.npy` path; an HDF5 path (with `key`); a raw binary path (with
+            `dtype` and `shape`); a list of `.npy` paths, a glob pattern or a
+            folder of `.npy` files (shards concatenated on axis 0, in natural
+            order: `part-2` before `part-10`); an `np.ndarray` or `np.memmap`;
+            an `h5py.Dataset`; any array-like with `shape`, `dtype` and slicing
+            (zarr); or a `BigArray`, returned as is.
+        key: the dataset's path inside an HDF5 file, e.g. `"images"` or
+            `"train/x"`. May be left out when the file holds one dataset.
+        dtype: the element type of a raw file.
+        shape: the shape of a raw file, with at most one `-1` to infer.
+        offset: bytes to skip at the start of a raw file.
+
+    Returns:
+        A `BigArray`.
+
+    Raises:
+        FileNotFoundError: the path, or every path of a glob, is missing.
+        KeyError: `key` is not a dataset of the HDF5 file (the message lists
+            those present).
+        ValueError: a truncated `.npy`, a raw size that is not a whole number of
+            rows, shards that disagree in dtype or row shape.
+        TypeError: object dtype, or a source of an unsupported type.
+
+    Example:
+
+    ```python
+    x = kb.open_array("x.npy")
+    images = kb.open_array("data.h5", key="images")
+    raw = kb.open_array("raw.u8", dtype="uint8", shape=(-1, 28, 28))
+    shards = kb.open_array("shards/part-*.npy")
+    ```
+    """
+    raw_args = dtype is not None or shape is not None or offset != 0
+    if isinstance(source, BigArray):
+        if key is not None or raw_args:
+            raise ValueError(
+                f"{source!r} is already open; key=, dtype=, shape= and offset= "
+                "apply only when opening a path."
+            )
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return _open_path(os.fspath(source), key, dtype, shape, offset)
+    if key is not None or raw_args:
+        what = "key=" if key is not None else "dtype=, shape= and offset="
+        raise ValueError(
+            f"{what} apply to a path; received a {type(source).__name__}."
+        )
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise ValueError("open_array received an empty list of shards")
+        return ShardedArray([open_array(s) for s in source])
+    if isinstance(source, np.memmap):
+        origin = _memmap_origin(source)
+        if origin is not None:
+            return RawArray(origin[0], source.dtype, source.shape, origin[1])
+        return MemoryArray(np.asarray(source))
+    if isinstance(source, np.ndarray):
+        return MemoryArray(source)
+    if type(source).__module__.startswith("h5py"):
+        from keras_bigarray import _hdf5
+
+        return _hdf5.from_h5py_dataset(source)
+    if isinstance(source, SupportsArrayRead):
+        return DuckArray(source)
+    raise TypeError(
+        "open_array takes a path, a list or glob of .npy shards, an ndarray, an "
+        "h5py.Dataset or an array-like with shape, dtype and slicing; received "
+        f"{type(source).__name__}."
+    )
+
+
+def _open_path(
+    path: str, key: str | None, dtype: Any, shape: Any, offset: int
+) -> BigArray:
+    if not os.path.exists(path) and _glob.has_magic(path):
+        return ShardedArray([open_array(p) for p in _glob_paths(path)])
+    if os.path.isdir(path):
+        paths = _glob_paths(os.path.join(_glob.escape(path), "*.npy"))
+        return ShardedArray([NpyArray(p) for p in paths])
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: '{path}'")
+    if dtype is not None:
+        if key is not None:
+            raise ValueError("key= is for HDF5 files and dtype= for raw files; pass one")
+        return RawArray(path, dtype, shape, offset)
+    if shape is not None or offset:
+        raise ValueError(
+            f"shape= and offset= describe a raw file; pass dtype= too to read "
+            f"'{path}' as raw bytes."
+        )
+    magic = _file_magic(path)
+    if magic.startswith(_HDF5_MAGIC) or path.lower().endswith(_HDF5_SUFFIXES):
+        from keras_bigarray import _hdf5
+
+        return _hdf5.HDF5Array(path, key)
+    if key is not None:
+        raise ValueError(f"key={key!r} was given but '{path}' is not an HDF5 file")
+    if magic.startswith(_NPY_MAGIC):
+        return NpyArray(path)
+    if magic.startswith(b"PK"):
+        raise ValueError(
+            f"'{path}' is a zip archive (.npz?); save each array as its own .npy "
+            "(np.save) so it can be memory-mapped."
+        )
+    raise ValueError(
+        f"cannot tell the format of '{path}': it is neither .npy nor HDF5. For a "
+        "raw binary file pass dtype= and shape= (e.g. shape=(-1, 28, 28))."
+    )

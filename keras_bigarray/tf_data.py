@@ -1,0 +1,118 @@
+"""The tf.data path: a `BigArrayDataset` as a `tf.data.Dataset` of batches, read in
+parallel in a deterministic order, with static shapes and the storage dtype, no
+data in the graph, and optional prefetching to a device. Imports TensorFlow."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import tensorflow as tf
+
+from keras_bigarray.reading import flatten, map_structure
+
+if TYPE_CHECKING:
+    from keras_bigarray.dataset import BigArrayDataset
+
+__all__ = ["element_spec", "to_tf_dataset"]
+
+
+def _all_batches_full(ds: BigArrayDataset) -> bool:
+    if ds.pad_remainder or ds.drop_remainder:
+        return True
+    return all(n % ds.batch_size == 0 for n in ds.sampler.layout.lengths)
+
+
+def element_spec(ds: BigArrayDataset) -> tuple[Any, ...]:
+    """The `tf.TensorSpec` structure of one batch, from metadata alone."""
+    b = ds.batch_size if _all_batches_full(ds) else None
+
+    def spec(src: Any, _: str) -> tf.TensorSpec:
+        return tf.TensorSpec((b, *src.shape[1:]), tf.as_dtype(src.dtype))
+
+    x = map_structure(spec, ds.x)
+    y = None if ds.y is None else map_structure(spec, ds.y)
+    sw = None if ds.sample_weight is None else map_structure(spec, ds.sample_weight)
+    if ds.pad_remainder:
+        if sw is None:
+            sw = tf.TensorSpec((b,), tf.float32)
+        else:
+            sw = map_structure(
+                lambda s, _: tf.TensorSpec(
+                    s.shape, tf.as_dtype(np.result_type(s.dtype.as_numpy_dtype, np.float32))
+                ),
+                sw,
+            )
+    if sw is not None and y is not None:
+        return (x, y, sw)
+    if y is not None:
+        return (x, y)
+    return (x,)
+
+
+def to_tf_dataset(
+    ds: BigArrayDataset,
+    *,
+    device: str | None = None,
+    num_parallel_reads: int | None = None,
+) -> tf.data.Dataset:
+    """A `tf.data.Dataset` of the batches of `ds`.
+
+    Each full iteration reads the next epoch (a new order under shuffling), so
+    `model.fit(tfds, epochs=3)` reshuffles without help. Batches are read by
+    `num_parallel_reads` parallel calls (default: tf.data's autotuning) and
+    delivered in order. A dataset that is one of several shards
+    (`num_shards > 1`) turns TensorFlow's auto-sharding off: it is sharded
+    already.
+
+    Args:
+        ds: the `BigArrayDataset`.
+        device: prefetch batches to this device (e.g. `"/gpu:0"`); must be the
+            last transformation, so apply nothing after it.
+        num_parallel_reads: batches read at once; None autotunes.
+
+    Returns:
+        A `tf.data.Dataset` whose elements are `(x,)`, `(x, y)` or
+        `(x, y, sample_weight)` in the storage dtype.
+    """
+    spec = element_spec(ds)
+    flat_spec = flatten(spec)
+    tout = [s.dtype for s in flat_spec]
+    reader = ds.reader
+    n = len(ds)
+
+    def claim() -> np.int64:
+        return np.int64(ds._claim_epoch())
+
+    def read(epoch: np.int64, index: np.int64) -> list[np.ndarray]:
+        batch = reader.read(int(epoch), int(index))
+        return flatten(batch[: len(spec)])
+
+    def read_op(epoch: tf.Tensor, index: tf.Tensor) -> Any:
+        leaves = tf.numpy_function(read, [epoch, index], tout, name="bigarray_read")
+        for t, s in zip(leaves, flat_spec):
+            t.set_shape(s.shape)
+        it = iter(leaves)
+        return map_structure(lambda _s, _p: next(it), spec)
+
+    epochs = tf.data.Dataset.from_tensors(np.int64(0)).map(
+        lambda _: tf.numpy_function(claim, [], tf.int64, stateful=True)
+    )
+    indices = epochs.flat_map(
+        lambda e: tf.data.Dataset.range(n).map(lambda i: (e, i))
+    )
+    batches = indices.map(
+        read_op,
+        num_parallel_calls=num_parallel_reads or tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    batches = batches.apply(tf.data.experimental.assert_cardinality(n))
+    options = tf.data.Options()
+    if ds.num_shards > 1:
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF
+        )
+    batches = batches.with_options(options).prefetch(tf.data.AUTOTUNE)
+    if device is not None:
+        batches = batches.apply(tf.data.experimental.prefetch_to_device(device))
+    return batches
