@@ -75,13 +75,6 @@ def _read_in_worker(epoch: int, index: int) -> tuple[Any, ...]:
     return _WORKER_READER.read(epoch, index)
 
 
-def _default_mp_context() -> str:
-    # forkserver: children start from a clean process that never imported
-    # TensorFlow, so no lock held by a TF or h5py thread is copied by fork.
-    methods = multiprocessing.get_all_start_methods()
-    return "forkserver" if "forkserver" in methods else "spawn"
-
-
 class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
     """Batches of arrays on disk for `model.fit`, `evaluate` and `predict`.
 
@@ -120,8 +113,10 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
         block_rows: rows per block for `shuffle="block"`; defaults to the
             source's natural block (HDF5 chunk rows) grown to at least 1 MiB.
         shuffle_window: blocks per shuffle window for `shuffle="block"`.
-        mp_context: start method for worker processes; defaults to
-            `"forkserver"` where available.
+        mp_context: start method for worker processes (`"fork"`, `"spawn"`,
+            `"forkserver"`); None uses Python's default, as Keras does. Sources
+            reopen in each worker, so all three work with HDF5; with spawn and
+            forkserver the script needs an `if __name__ == "__main__":` guard.
 
     Raises:
         ValueError, TypeError: at construction, for any bad argument or source,
@@ -393,7 +388,7 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
         if self._pool is None:
             workers = max(1, self.workers)
             if self.use_multiprocessing:
-                ctx = multiprocessing.get_context(self.mp_context or _default_mp_context())
+                ctx = multiprocessing.get_context(self.mp_context)
                 pool: cf.Executor = cf.ProcessPoolExecutor(
                     workers, mp_context=ctx, initializer=_init_worker, initargs=(self._reader,)
                 )

@@ -95,6 +95,14 @@ def to_tf_dataset(
         it = iter(leaves)
         return map_structure(lambda _s, _p: next(it), spec)
 
+    if ds.use_multiprocessing:
+        # Worker processes read; tf.data only carries their batches in order.
+        batches = tf.data.Dataset.from_generator(
+            lambda: (b[: len(spec)] for b in ds.iterate_epoch()),
+            output_signature=spec,
+        )
+        return _finish(ds, batches, n, device)
+
     epochs = tf.data.Dataset.from_tensors(np.int64(0)).map(
         lambda _: tf.numpy_function(claim, [], tf.int64, stateful=True)
     )
@@ -103,12 +111,20 @@ def to_tf_dataset(
     )
     batches = indices.map(
         read_op,
-        num_parallel_calls=num_parallel_reads or tf.data.AUTOTUNE,
+        num_parallel_calls=num_parallel_reads
+        or (ds.workers if ds.workers > 1 else tf.data.AUTOTUNE),
         deterministic=True,
     )
+    return _finish(ds, batches, n, device)
+
+
+def _finish(
+    ds: BigArrayDataset, batches: tf.data.Dataset, n: int, device: str | None
+) -> tf.data.Dataset:
     batches = batches.apply(tf.data.experimental.assert_cardinality(n))
     options = tf.data.Options()
     if ds.num_shards > 1:
+        # Already one shard of several: sharding again would drop rows.
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.OFF
         )
