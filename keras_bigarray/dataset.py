@@ -27,6 +27,10 @@ __all__ = ["BigArrayDataset"]
 # cache of any machine while mixing rows from 16 places of the file per batch.
 DEFAULT_SHUFFLE_WINDOW = 16
 
+# Compressed sources with more blocks than this get a warning under global
+# shuffle: below it, every chunk fits h5py's chunk cache and little is lost.
+_MANY_BLOCKS = 64
+
 
 def _open_leaf(leaf: Any, path: str) -> BigArray:
     try:
@@ -225,7 +229,9 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
                 "or fewer shards, or drop_remainder=False."
             )
         sampler.warn_if_rows_left_out(stacklevel=3)
-        if self.shuffle == "global" and any(s.compressed for s in self._sources()):
+        if self.shuffle == "global" and any(
+            s.compressed and len(s) > _MANY_BLOCKS * s.block_rows for s in self._sources()
+        ):
             warnings.warn(
                 "shuffle='global' on compressed HDF5 decodes a whole chunk for "
                 "almost every row; shuffle='block' reads each chunk once per "

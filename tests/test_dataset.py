@@ -1,0 +1,319 @@
+"""BigArrayDataset: the contract of DESIGN.md, run against every source kind, every
+shuffle mode, shard counts, worker modes and both ways of reading (ds[i] and the
+iterators Keras uses); errors; and model.fit / evaluate / predict."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from conftest import SOURCE_KINDS, indexed_rows, make_source, open_kind, row_ids
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import keras_bigarray as kb
+
+N = 34  # leaves a partial batch at batch_size 16
+
+
+def epoch_batches(ds, how: str, epoch: int = 0):
+    if how == "getitem":
+        ds.epoch = epoch
+        return [ds[i] for i in range(len(ds))]
+    if how == "iterate":
+        return list(ds.iterate_epoch(epoch))
+    raise ValueError(how)
+
+
+def check_batches(batches, batch_size: int) -> np.ndarray:
+    """Asserts x/y alignment and batch sizes; returns the row ids in order."""
+    ids = []
+    for b in batches:
+        x, y = b[0], b[1]
+        assert len(x) <= batch_size
+        np.testing.assert_array_equal(row_ids(x), y)
+        ids.append(y)
+    return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+
+# ---- the contract, over source kinds --------------------------------------------
+
+
+@pytest.mark.parametrize("shuffle", [False, True, "block"])
+def test_every_row_once_for_every_source_kind(tmp_path, source_kind, shuffle):
+    data = indexed_rows(N, (3,))
+    x = open_kind(source_kind, tmp_path, data)
+    y = np.arange(N)
+    ds = kb.BigArrayDataset(x, y, batch_size=16, shuffle=shuffle, seed=7, block_rows=5)
+    assert len(ds) == 3
+    for how in ("getitem", "iterate"):
+        ids = check_batches(epoch_batches(ds, how), 16)
+        assert sorted(ids.tolist()) == list(range(N))
+        if shuffle is False:
+            assert ids.tolist() == list(range(N))
+    e0 = check_batches(epoch_batches(ds, "iterate", 0), 16)
+    e1 = check_batches(epoch_batches(ds, "iterate", 1), 16)
+    if shuffle:
+        assert e0.tolist() != e1.tolist()
+    else:
+        assert e0.tolist() == e1.tolist()
+
+
+@pytest.mark.parametrize("kind", ["npy", "h5_gzip", "shards"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 120),
+    batch_size=st.integers(1, 40),
+    shuffle=st.sampled_from([False, "global", "block"]),
+    num_shards=st.integers(1, 4),
+    drop=st.booleans(),
+    pad=st.booleans(),
+    seed=st.integers(0, 2**32),
+    block_rows=st.integers(1, 9),
+    window=st.integers(1, 4),
+)
+def test_exactly_once_property(tmp_path_factory, kind, n, batch_size, shuffle, num_shards, drop, pad, seed, block_rows, window):
+    if drop and pad:
+        pad = False
+    tmp = tmp_path_factory.mktemp("p")
+    x = open_kind(kind, tmp, indexed_rows(n, (2,)))
+    shards = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rows left out of the tail: checked below
+        try:
+            for k in range(num_shards):
+                shards.append(
+                    kb.BigArrayDataset(
+                        x, np.arange(n), batch_size=batch_size, shuffle=shuffle,
+                        seed=seed, drop_remainder=drop, pad_remainder=pad,
+                        num_shards=num_shards, shard_index=k,
+                        block_rows=block_rows, shuffle_window=window,
+                    )
+                )
+        except ValueError as e:
+            assert "no batches" in str(e)
+            return
+    lens = {len(s) for s in shards}
+    assert len(lens) == 1, "every shard must have the same number of batches"
+    seen = []
+    for s in shards:
+        for i in range(len(s)):
+            b = s[i]
+            if pad:
+                x_, y_, w = b
+                assert len(x_) == batch_size and len(w) == batch_size
+                real = w > 0
+                np.testing.assert_array_equal(row_ids(x_)[real], y_[real])
+                seen += y_[real].tolist()
+            else:
+                seen += check_batches([b], batch_size).tolist()
+    assert len(seen) == len(set(seen)), "a row was read twice in one epoch"
+    dropped = shards[0].sampler.layout.dropped
+    if not drop:
+        assert len(seen) == n - dropped
+        if pad or num_shards == 1:
+            assert dropped == 0
+        else:
+            assert dropped < num_shards
+
+
+def test_same_seed_same_batches_in_any_instance_and_process(tmp_path):
+    src = make_source("npy", tmp_path, indexed_rows(N))
+    a = kb.BigArrayDataset(src, np.arange(N), batch_size=8, shuffle=True, seed=3)
+    b = kb.BigArrayDataset(src, np.arange(N), batch_size=8, shuffle=True, seed=3)
+    c = pickle.loads(pickle.dumps(a))
+    for e in range(3):
+        ya = [t[1].tolist() for t in a.iterate_epoch(e)]
+        assert ya == [t[1].tolist() for t in b.iterate_epoch(e)]
+        assert ya == [t[1].tolist() for t in c.iterate_epoch(e)]
+    other = kb.BigArrayDataset(src, np.arange(N), batch_size=8, shuffle=True, seed=4)
+    assert [t[1].tolist() for t in other.iterate_epoch(0)] != [
+        t[1].tolist() for t in a.iterate_epoch(0)
+    ]
+
+
+def test_seed_none_is_drawn_once_and_readable(tmp_path):
+    ds = kb.BigArrayDataset(np.zeros((10, 2)), batch_size=4)
+    assert isinstance(ds.seed, int) and ds.seed >= 0
+    again = kb.BigArrayDataset(np.zeros((10, 2)), batch_size=4, seed=ds.seed)
+    assert [b[0].tolist() for b in ds.iterate_epoch(0)] == [
+        b[0].tolist() for b in again.iterate_epoch(0)
+    ]
+
+
+@pytest.mark.parametrize(
+    "workers,mp,ctx",
+    [(2, False, None), (2, True, "fork"), (2, True, "spawn"), (2, True, "forkserver")],
+)
+def test_workers_give_the_same_batches(tmp_path, workers, mp, ctx):
+    src = make_source("h5_gzip", tmp_path, indexed_rows(N))
+    x = kb.open_array(src["source"], key=src["key"])
+    ref = kb.BigArrayDataset(x, np.arange(N), batch_size=5, shuffle=True, seed=11)
+    par = kb.BigArrayDataset(
+        x, np.arange(N), batch_size=5, shuffle=True, seed=11,
+        workers=workers, use_multiprocessing=mp, mp_context=ctx,
+    )
+    for e in range(2):
+        want = [t[1].tolist() for t in ref.iterate_epoch(e)]
+        got = [t[1].tolist() for t in par.iterate_epoch(e)]
+        assert got == want
+        check_batches(par.iterate_epoch(e), 5)
+
+
+def test_epochs_advance_with_on_epoch_end_and_iteration(tmp_path):
+    ds = kb.BigArrayDataset(np.arange(40).reshape(40, 1), np.arange(40), batch_size=8, seed=2)
+    first = [ds[i][1].tolist() for i in range(len(ds))]
+    ds.on_epoch_end()
+    assert ds.epoch == 1
+    second = [ds[i][1].tolist() for i in range(len(ds))]
+    assert first != second
+    # Each full iteration of the Keras-facing iterator is the next epoch.
+    ds.epoch = 0
+    it1 = [b[1].tolist() for b in ds.get_numpy_iterator()]
+    it2 = [b[1].tolist() for b in ds.get_numpy_iterator()]
+    assert it1 == first and it2 == second
+
+
+def test_resume_from_epoch_and_batch(tmp_path):
+    ds = kb.BigArrayDataset(np.arange(100).reshape(100, 1), batch_size=10, seed=5)
+    full = [b[0].ravel().tolist() for b in ds.iterate_epoch(4)]
+    resumed = kb.BigArrayDataset(np.arange(100).reshape(100, 1), batch_size=10, seed=5)
+    resumed.epoch = 4
+    assert [resumed[i][0].ravel().tolist() for i in range(6, 10)] == full[6:]
+
+
+def test_multi_input_and_output_structures(tmp_path):
+    a = indexed_rows(N, (3,))
+    b = indexed_rows(N, (2, 2), "uint8")
+    np.save(tmp_path / "a.npy", a)
+    ds = kb.BigArrayDataset(
+        {"a": str(tmp_path / "a.npy"), "b": b},
+        (np.arange(N), indexed_rows(N, (1,), "float64")),
+        np.ones(N, dtype="float32"),
+        batch_size=16, shuffle=True, seed=0,
+    )
+    for x, y, w in ds.iterate_epoch(0):
+        assert set(x) == {"a", "b"} and x["b"].dtype == np.uint8
+        np.testing.assert_array_equal(row_ids(x["a"]), y[0])
+        np.testing.assert_array_equal(row_ids(x["b"]), y[0] % 256)
+        np.testing.assert_array_equal(row_ids(y[1]), y[0])
+        assert w.shape == (len(y[0]),)
+
+
+def test_storage_dtype_is_kept(tmp_path):
+    for dt in ("uint8", "int16", "float16", "float64"):
+        ds = kb.BigArrayDataset(indexed_rows(20, (2,), dt), batch_size=8, shuffle=True, seed=0)
+        assert ds[0][0].dtype == np.dtype(dt)
+
+
+def test_pad_remainder_weights(tmp_path):
+    w = np.linspace(0.5, 2.0, N).astype("float32")
+    ds = kb.BigArrayDataset(indexed_rows(N), np.arange(N), w, batch_size=16, shuffle=False, pad_remainder=True)
+    assert len(ds) == 3
+    x, y, sw = ds[2]
+    assert x.shape == (16, 3) and y.shape == (16,)
+    np.testing.assert_allclose(sw[:2], w[32:])
+    assert (sw[2:] == 0).all() and (x[2:] == 0).all()
+    x, y, sw = ds[0]
+    np.testing.assert_allclose(sw, w[:16])
+
+
+def test_drop_remainder(tmp_path):
+    ds = kb.BigArrayDataset(indexed_rows(N), np.arange(N), batch_size=16, drop_remainder=True, seed=1)
+    assert len(ds) == 2
+    ids = check_batches(ds.iterate_epoch(0), 16)
+    assert len(ids) == 32 and len(set(ids.tolist())) == 32
+
+
+def test_validation_split_is_disjoint_and_unshuffled(tmp_path):
+    src = make_source("npy", tmp_path, indexed_rows(100))
+    ds = kb.BigArrayDataset(src, np.arange(100), batch_size=16, shuffle=True, seed=1)
+    train, val = ds.validation_split(0.2)
+    t = check_batches(train.iterate_epoch(0), 16)
+    v = check_batches(val.iterate_epoch(0), 16)
+    assert sorted(t.tolist()) == list(range(80))
+    assert v.tolist() == list(range(80, 100))
+    assert train.seed == ds.seed and val.shuffle == "sequential"
+    with pytest.raises(ValueError, match="fraction"):
+        ds.validation_split(1.5)
+
+
+def test_rows_restricts_without_copy(tmp_path):
+    ds = kb.BigArrayDataset(indexed_rows(50), np.arange(50), batch_size=7, rows=(10, 30), seed=0)
+    assert ds.num_rows == 20
+    ids = check_batches(ds.iterate_epoch(0), 7)
+    assert sorted(ids.tolist()) == list(range(10, 30))
+
+
+def test_pickled_dataset_is_small(tmp_path):
+    src = make_source("npy", tmp_path, indexed_rows(5000, (64,)))
+    ds = kb.BigArrayDataset(src, src, batch_size=32)
+    assert len(pickle.dumps(ds)) < 4000
+
+
+# ---- errors --------------------------------------------------------------------
+
+
+def test_mismatched_lengths_list_every_length(tmp_path):
+    with pytest.raises(ValueError, match=r"x: 10 rows, y\[0\]: 10 rows, y\[1\]: 9 rows"):
+        kb.BigArrayDataset(np.zeros((10, 2)), (np.zeros(10), np.zeros(9)))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(batch_size=-3), "batch_size must be >= 1"),
+        (dict(batch_size=2.5), "batch_size must be an int"),
+        (dict(batch_size=True), "batch_size must be an int"),
+        (dict(shuffle="random"), "shuffle must be False, True, 'global' or 'block'"),
+        (dict(num_shards=0), "num_shards must be >= 1"),
+        (dict(num_shards=2, shard_index=2), "shard_index must be in"),
+        (dict(shard_index=-1), "shard_index must be >= 0"),
+        (dict(drop_remainder=True, pad_remainder=True), "contradict"),
+        (dict(batch_size=64, drop_remainder=True), "no batches"),
+        (dict(seed=-1), "seed must be >= 0"),
+        (dict(rows=(0, 10, 2)), "rows must be"),
+        (dict(mp_context="telepathy"), "mp_context must be one of"),
+        (dict(workers=-1), "workers must be >= 0"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        kb.BigArrayDataset(np.zeros((20, 2)), np.zeros(20), **kwargs)
+
+
+def test_bad_sources_name_the_argument(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.npy"):
+        kb.BigArrayDataset(str(tmp_path / "nope.npy"))
+    with pytest.raises(TypeError, match=r"y\['label'\]"):
+        kb.BigArrayDataset(np.zeros((3, 1)), {"label": np.array([object(), 1, 2], dtype=object)})
+
+
+def test_worker_read_error_names_batch_and_source(tmp_path):
+    p = tmp_path / "x.raw"
+    indexed_rows(N).tofile(p)
+    ds = kb.BigArrayDataset(
+        kb.open_array(str(p), dtype="float32", shape=(-1, 3)), np.arange(N),
+        batch_size=16, shuffle=False, workers=2, use_multiprocessing=True, mp_context="spawn",
+    )
+    p.write_bytes(b"")  # the file shrinks under the dataset
+    with pytest.raises(Exception, match=r"batch \d+ of epoch 0 .*x\.raw"):
+        list(ds.iterate_epoch(0))
+
+
+def test_global_shuffle_on_compressed_hdf5_warns(tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "z.h5", "w") as f:
+        f.create_dataset("x", data=indexed_rows(200), chunks=(1, 3), compression="gzip")
+    with pytest.warns(UserWarning, match="shuffle='block'"):
+        kb.BigArrayDataset(kb.open_array(str(tmp_path / "z.h5"), key="x"), shuffle=True)
+
+
+def test_rows_left_out_warns(tmp_path):
+    # 2 shards x batch 16: 33 rows leave 1 row for the last round.
+    with pytest.warns(UserWarning, match="pad_remainder=True"):
+        kb.BigArrayDataset(np.zeros((33, 1)), batch_size=16, num_shards=2)
