@@ -25,11 +25,13 @@ __all__ = [
     "Permutation",
     "Sampler",
     "__version__",
+    "distribute_dataset",
     "open_array",
 ]
 
 _LAZY = {
     "BigArrayDataset": "keras_bigarray.dataset",
+    "distribute_dataset": "keras_bigarray.tf_data",
 }
 
 

@@ -1,13 +1,14 @@
 """Keras's private `DataAdapter` class, guarded: `model.fit` passes a `DataAdapter`
 instance straight through, so a `BigArrayDataset` that is one keeps its own batch
 order (Keras would otherwise reorder a PyDataset's batches with `random`).
-Supported: Keras 3.0 to 3.15 (tested); elsewhere the dataset is a plain PyDataset."""
+Keras passes adapters through since 3.7 (tested: 3.15); elsewhere the dataset is a
+plain PyDataset, still exactly-once per epoch, in the batch order Keras picks."""
 
 from __future__ import annotations
 
 from typing import Any
 
-try:  # the module path has been stable since Keras 3.0
+try:  # the module path has been stable since Keras 3.0; the pass-through since 3.7
     from keras.src.trainers.data_adapters import data_adapter_utils as _utils
     from keras.src.trainers.data_adapters.data_adapter import DataAdapter
 except ImportError:  # pragma: no cover - a future Keras that moved it

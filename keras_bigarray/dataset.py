@@ -466,6 +466,12 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
 
         return tf_data.to_tf_dataset(self, device=device, num_parallel_reads=num_parallel_reads)
 
+    def for_input_context(self, context: Any) -> BigArrayDataset:
+        """The shard one `tf.distribute` input pipeline reads; see `tf_data`."""
+        from keras_bigarray import tf_data
+
+        return tf_data.for_input_context(self, context)
+
     @property
     def has_partial_batch(self) -> bool:
         return any(

@@ -14,7 +14,7 @@ from keras_bigarray.reading import flatten, map_structure
 if TYPE_CHECKING:
     from keras_bigarray.dataset import BigArrayDataset
 
-__all__ = ["element_spec", "to_tf_dataset"]
+__all__ = ["distribute_dataset", "element_spec", "for_input_context", "to_tf_dataset"]
 
 
 def _all_batches_full(ds: BigArrayDataset) -> bool:
@@ -132,3 +132,58 @@ def _finish(
     if device is not None:
         batches = batches.apply(tf.data.experimental.prefetch_to_device(device))
     return batches
+
+
+def for_input_context(ds: BigArrayDataset, context: tf.distribute.InputContext) -> BigArrayDataset:
+    """The part of `ds` that one `tf.distribute` input pipeline reads.
+
+    `ds.batch_size` is the global batch. The result is shard
+    `context.input_pipeline_id` of `context.num_input_pipelines`, batched for
+    the replicas this pipeline feeds: `to_tf_dataset` splits each of its
+    batches into per-replica batches (`get_per_replica_batch_size`).
+    """
+    per_replica = context.get_per_replica_batch_size(ds.batch_size)
+    local = context.num_replicas_in_sync // context.num_input_pipelines
+    return ds.replace(
+        batch_size=per_replica * local,
+        num_shards=ds.num_shards * context.num_input_pipelines,
+        shard_index=ds.shard_index * context.num_input_pipelines
+        + context.input_pipeline_id,
+    )
+
+
+def distribute_dataset(
+    strategy: tf.distribute.Strategy,
+    ds: BigArrayDataset,
+    *,
+    device: str | None = None,
+) -> Any:
+    """`ds` as per-worker pipelines of `strategy` (`distribute_datasets_from_function`).
+
+    Each input pipeline (one per worker) reads its own shard, with no rows
+    read and discarded, and splits its batches over its local replicas. Pass
+    the result to `model.fit`. With `pad_remainder=True` every replica gets a
+    full batch on every step.
+
+    Args:
+        strategy: a `tf.distribute.Strategy`, e.g. `MirroredStrategy` or
+            `MultiWorkerMirroredStrategy`.
+        ds: the dataset, with `batch_size` the global batch size.
+        device: unused by tf.distribute (it places batches on each replica's
+            device itself); accepted for symmetry and must be None.
+    """
+    if device is not None:
+        raise ValueError(
+            "device= does not apply here: tf.distribute prefetches each "
+            "replica's batches to its own device"
+        )
+
+    def make(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        part = for_input_context(ds, context)
+        local = context.num_replicas_in_sync // context.num_input_pipelines
+        batches = to_tf_dataset(part)
+        if local > 1:
+            batches = batches.rebatch(part.batch_size // local)
+        return batches
+
+    return strategy.distribute_datasets_from_function(make)
