@@ -240,11 +240,12 @@ def format_bytes(n: float | None) -> str:
     sign = "-" if n < 0 else ""
     value = float(abs(n))
     for unit in _UNITS:
-        if value < 1024 or unit == _UNITS[-1]:
-            if unit == "B":
-                return f"{sign}{int(value)} B"
-            digits = 2 if value < 10 else 1 if value < 100 else 0
-            return f"{sign}{value:.{digits}f} {unit}"
+        if unit == "B" and value < 1024:
+            return f"{sign}{int(value)} B"
+        digits = 2 if value < 9.995 else 1 if value < 99.95 else 0
+        if round(value, digits) < 1024 or unit == _UNITS[-1]:
+            if unit != "B":
+                return f"{sign}{value:.{digits}f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -212,7 +212,8 @@ def _format_of(arr: Any) -> str:
     return kind
 
 
-def _describe(arr: Any, out: TextIO, label: str) -> None:
+def _describe(arr: Any, out: TextIO, label: str) -> tuple[str, int]:
+    """Prints what `arr` is; returns the recommended `(shuffle, batch_size)`."""
     import numpy as np
 
     files = _files_of(arr)
@@ -273,6 +274,7 @@ def _describe(arr: Any, out: TextIO, label: str) -> None:
     print(label, file=out)
     for k, v in rows:
         print(f"  {k:<12}{v}", file=out)
+    return mode, batch
 
 
 def _hdf5_keys(path: str) -> list[str]:
@@ -290,6 +292,11 @@ def _is_hdf5(path: str) -> bool:
         return f.read(8) == b"\x89HDF\r\n\x1a\n"
 
 
+def _is_npy(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
+
+
 def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     import keras_bigarray as kb
 
@@ -302,6 +309,7 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         if not keys:
             raise CliError(f"'{path}' is an HDF5 file with no datasets")
         print(f"{path}: HDF5 file, {len(keys)} dataset(s)", file=out)
+        picks: list[tuple[str, int]] = []
         for key in keys:
             try:
                 arr = kb.open_array(path, key=key)
@@ -309,7 +317,17 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
                 print(f"\n[{key}]\n  skipped: {e}", file=out)
                 continue
             print(file=out)
-            _describe(arr, out, f"[{key}]")
+            picks.append(_describe(arr, out, f"[{key}]"))
+        if len(picks) > 1:
+            # One BigArrayDataset reads all its arrays in one order: the
+            # strictest mode and the smallest batch suit them together.
+            mode = "block" if any(m == "block" for m, _ in picks) else "global"
+            batch = min(b for _, b in picks)
+            print(
+                f"\nTogether in one BigArrayDataset (x, y, ...): shuffle={mode!r}, "
+                f"batch_size={batch}",
+                file=out,
+            )
         return 0
     kwargs: dict[str, Any] = {}
     if args.key is not None:
@@ -320,6 +338,12 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         kwargs["shape"] = args.shape
     if args.offset:
         kwargs["offset"] = args.offset
+    if not raw and os.path.isfile(path) and not _is_hdf5(path) and not _is_npy(path):
+        raise CliError(
+            f"cannot tell the format of '{path}': it is neither .npy nor HDF5. "
+            "For a raw binary file pass --dtype (and --shape, e.g. "
+            "--shape -1,28,28; --offset for a header)."
+        )
     arr = kb.open_array(path, **kwargs)
     label = path if args.key is None else f"{path} [{arr.key if hasattr(arr, 'key') else args.key}]"
     _describe(arr, out, label)
@@ -432,6 +456,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    # argparse takes "-1,28,28" for an option; "--shape -1,28,28" is what
+    # people type, so pass it on as "--shape=-1,28,28".
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--shape":
+            nxt = next(it, None)
+            if nxt is not None and nxt.startswith("-") and nxt[1:2].isdigit():
+                out.append(f"--shape={nxt}")
+                continue
+            out.append(a)
+            if nxt is not None:
+                out.append(nxt)
+            continue
+        out.append(a)
+    return out
+
+
 def _error_message(e: BaseException) -> str:
     if isinstance(e, KeyError) and e.args:
         return str(e.args[0])
@@ -448,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the command's output (the user's own setting wins).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
+    argv = _join_negative_values(sys.argv[1:] if argv is None else list(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse printed the usage and the problem
@@ -455,6 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = sys.stdout
     try:
         return int(args.func(args, out))
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as a Unix tool does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
