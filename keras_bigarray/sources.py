@@ -149,12 +149,13 @@ class BigArray(abc.ABC):
         n = idx.size
         if n == 0:
             return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        # Duplicates first: sorted [0, 0, 2] also spans last - first + 1 == n.
+        if n > 1 and not np.all(idx[1:] != idx[:-1]):
+            uniq, inverse = np.unique(idx, return_inverse=True)
+            return self.read_sorted(uniq)[inverse]
         first, last = int(idx[0]), int(idx[-1])
         if last - first + 1 == n:  # one contiguous run: a plain slice
             return self._read_range(first, last + 1)
-        if n > 1 and not np.all(idx[1:] != idx[:-1]):
-            uniq, inverse = np.unique(idx, return_inverse=True)
-            return self._read_sorted(uniq)[inverse]
         return self._read_sorted(idx)
 
     def take(self, indices: Any) -> np.ndarray:
@@ -183,14 +184,21 @@ class BigArray(abc.ABC):
                 out = self._read_range(start, max(start, stop))
             else:
                 out = self.take(np.arange(start, stop, step, dtype=np.int64))
+        elif isinstance(key, (bool, np.bool_)) or key is None or isinstance(key, str):
+            raise TypeError(f"unsupported index {key!r} for {self!r}")
         elif isinstance(key, (int, np.integer)):
             i = _index.normalize_int(key, len(self))
-            out = self._read_range(i, i + 1)[0]
-            return out[rest] if rest else out
-        elif key is None or isinstance(key, str):
-            raise TypeError(f"unsupported index {key!r} for {self!r}")
+            # Index the one-row block as numpy indexes the array, so that array
+            # indices in `rest` combine with the row index the same way.
+            return self._read_range(i, i + 1)[(0, *rest)]
         else:
-            out = self.take(key)
+            idx = _index.normalize_indices(key, len(self))
+            if not rest:
+                return self.take(idx)
+            rows = self.take(idx.reshape(-1))
+            # Positions into `rows` stand in for `idx`: numpy broadcasts them
+            # with any array in `rest` exactly as it would broadcast `idx`.
+            return rows[(np.arange(rows.shape[0]).reshape(idx.shape), *rest)]
         if rest:
             out = out[(slice(None), *rest)]
         return out
@@ -283,7 +291,7 @@ class NpyArray(_MemmapArray):
                 "across the file and reads are slow. Rewrite it once in C order: "
                 "np.save(new_path, np.ascontiguousarray(np.load(path, "
                 "mmap_mode='r')))",
-                stacklevel=3,
+                stacklevel=4,  # the caller of open_array
             )
 
 
@@ -339,6 +347,16 @@ class RawArray(_MemmapArray):
             )
         shape = _resolve_raw_shape(path, dtype, shape, size - offset)
         super().__init__(path, dtype, shape, offset)
+
+    @classmethod
+    def _of_memmap(
+        cls, path: str, dtype: np.dtype, shape: tuple[int, ...], offset: int
+    ) -> RawArray:
+        # A memmap, or a view of one, may cover only part of its file: no
+        # whole-file size check.
+        self = cls.__new__(cls)
+        _MemmapArray.__init__(self, path, dtype, shape, offset)
+        return self
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "format": "raw"}
@@ -410,7 +428,10 @@ class DuckArray(BigArray):
 
     def _read_range(self, start: int, stop: int) -> np.ndarray:
         out = np.asarray(self.array[start:stop])
-        return np.array(out, dtype=self.dtype, order="C", copy=out is self.array)
+        if out.flags.owndata:  # a fresh array (zarr, h5py): convert only if needed
+            return np.asarray(out, dtype=self.dtype, order="C")
+        # A view may share memory with the source: copy, so writes stay ours.
+        return np.array(out, dtype=self.dtype, order="C")
 
     def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
         oindex = getattr(self.array, "oindex", None)  # zarr's orthogonal reads
@@ -519,6 +540,8 @@ def _memmap_origin(mm: np.memmap) -> tuple[str, int] | None:
     filename = getattr(mm, "filename", None)
     if base is None or filename is None or not mm.flags.c_contiguous:
         return None
+    if getattr(mm, "mode", None) == "c":  # copy-on-write: changes are not in the file
+        return None
     try:
         start = np.frombuffer(base, dtype=np.uint8).ctypes.data
     except (TypeError, ValueError):
@@ -593,8 +616,8 @@ def open_array(
         return ShardedArray([open_array(s) for s in source])
     if isinstance(source, np.memmap):
         origin = _memmap_origin(source)
-        if origin is not None:
-            return RawArray(origin[0], source.dtype, source.shape, origin[1])
+        if origin is not None and source.ndim:
+            return RawArray._of_memmap(origin[0], source.dtype, source.shape, origin[1])
         return MemoryArray(np.asarray(source))
     if isinstance(source, np.ndarray):
         return MemoryArray(source)
