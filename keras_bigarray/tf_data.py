@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
+from keras_bigarray import _keras_adapter
 from keras_bigarray.reading import flatten, map_structure
 
 if TYPE_CHECKING:
@@ -162,7 +163,8 @@ def distribute_dataset(
 
     Each input pipeline (one per worker) reads its own shard, with no rows
     read and discarded, and splits its batches over its local replicas. Pass
-    the result to `model.fit`. With `pad_remainder=True` every replica gets a
+    the result to `model.fit`, which then runs exactly `len(shard)` steps an
+    epoch on every worker. With `pad_remainder=True` every replica gets a
     full batch on every step.
 
     Args:
@@ -178,12 +180,62 @@ def distribute_dataset(
             "replica's batches to its own device"
         )
 
+    parts: list[BigArrayDataset] = []
+
     def make(context: tf.distribute.InputContext) -> tf.data.Dataset:
         part = for_input_context(ds, context)
+        parts.append(part)
         local = context.num_replicas_in_sync // context.num_input_pipelines
         batches = to_tf_dataset(part)
         if local > 1:
             batches = batches.rebatch(part.batch_size // local)
         return batches
 
-    return strategy.distribute_datasets_from_function(make)
+    distributed = strategy.distribute_datasets_from_function(make)
+    return DistributedBatches(distributed, len(parts[0]), ds.batch_size)
+
+
+class DistributedBatches(_keras_adapter.DataAdapter):
+    """Per-worker pipelines with a known step count, for `model.fit`.
+
+    Keras cannot count the steps of a distributed dataset, so it would read
+    until the input runs out; tf.distribute then feeds a last step of dummy
+    zero rows (static shapes), which would be trained on. Knowing the steps,
+    Keras stops exactly at the end of the epoch. Iterate it as the
+    `tf.distribute.DistributedDataset` it wraps.
+    """
+
+    def __init__(self, distributed: Any, num_batches: int, batch_size: int):
+        self.distributed = distributed
+        self._num_batches = num_batches
+        self._batch_size = batch_size
+
+    def __iter__(self) -> Any:
+        return iter(self.distributed)
+
+    def get_tf_dataset(self) -> Any:
+        return self.distributed
+
+    def get_numpy_iterator(self) -> Any:
+        raise NotImplementedError(
+            "distribute_dataset() is for the TensorFlow backend; with other "
+            "backends pass the BigArrayDataset itself to fit"
+        )
+
+    get_jax_iterator = get_torch_dataloader = get_numpy_iterator
+
+    @property
+    def num_batches(self) -> int:
+        return self._num_batches
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def has_partial_batch(self) -> bool:
+        return False
+
+    @property
+    def partial_batch_size(self) -> None:
+        return None

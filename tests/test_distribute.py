@@ -1,0 +1,81 @@
+"""tf.distribute: MirroredStrategy over two logical CPU devices, fed by the dataset
+itself, by to_tf_dataset() and by distribute_dataset(); every row trained once an
+epoch. TensorFlow fixes its devices at start-up, so each case runs in a
+subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    import keras
+    import keras_bigarray as kb
+
+    how, n, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+    class RowStat(keras.metrics.Metric):
+        # The sum (or count) of the row ids trained on, summed over replicas.
+        def __init__(self, name, **kw):
+            super().__init__(name=name, **kw)
+            self.total = self.add_variable(shape=(), initializer="zeros", name="t")
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            ids = keras.ops.cast(y_true[:, 0], "float32")
+            if self.name == "count":
+                ids = keras.ops.ones_like(ids)
+            self.total.assign_add(keras.ops.sum(ids))
+
+        def result(self):
+            return self.total
+
+    x = np.repeat(np.arange(n, dtype="float32")[:, None], 4, axis=1)
+    y = np.arange(n, dtype="float32")[:, None]
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    ds = kb.BigArrayDataset(x, y, batch_size=batch, shuffle=True, seed=0)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile("sgd", "mse", metrics=[RowStat("sum"), RowStat("count")])
+    data = {
+        "dataset": ds,
+        "to_tf_dataset": ds.to_tf_dataset(),
+        "distribute_dataset": kb.distribute_dataset(strategy, ds),
+    }[how]
+    hist = model.fit(data, epochs=2, verbose=0)
+    h = hist.history
+    out = [[round(s), round(c)] for s, c in zip(h["sum"], h["count"])]
+    print(json.dumps({"replicas": strategy.num_replicas_in_sync, "epochs": out}))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "how,n,batch",
+    [("dataset", 70, 16), ("to_tf_dataset", 70, 16), ("distribute_dataset", 64, 16)],
+)
+def test_mirrored_strategy_trains_every_row_once(how, n, batch):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, how, str(n), str(batch)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2
+    want = [n * (n - 1) // 2, n]
+    for total, count in result["epochs"]:
+        assert [total, count] == want
