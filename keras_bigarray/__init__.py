@@ -24,6 +24,7 @@ __all__ = [
     "BigArrayDataset",
     "Permutation",
     "Sampler",
+    "StreamingModel",
     "__version__",
     "distribute_dataset",
     "open_array",
@@ -31,6 +32,7 @@ __all__ = [
 
 _LAZY = {
     "BigArrayDataset": "keras_bigarray.dataset",
+    "StreamingModel": "keras_bigarray.training",
     "distribute_dataset": "keras_bigarray.tf_data",
 }
 
