@@ -27,8 +27,11 @@ def write_data(path: str, rows: int) -> None:
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
         images = f.create_dataset(
-            "images", shape=(rows, 28, 28), dtype="uint8",
-            chunks=(256, 28, 28), compression="gzip",
+            "images",
+            shape=(rows, 28, 28),
+            dtype="uint8",
+            chunks=(256, 28, 28),
+            compression="gzip",
         )
         labels = f.create_dataset("labels", shape=(rows,), dtype="int64")
         for start in range(0, rows, 4096):  # written in pieces, as a big file would be
@@ -53,20 +56,25 @@ def main() -> None:
         write_data(path, args.rows)
         x = kb.open_array(path, key="images")
         y = kb.open_array(path, key="labels")
-        print(f"wrote {path}: images {x.shape} {x.dtype}, chunks of "
-              f"{x.block_rows} rows, gzip; labels {y.shape}")
+        print(
+            f"wrote {path}: images {x.shape} {x.dtype}, chunks of "
+            f"{x.block_rows} rows, gzip; labels {y.shape}"
+        )
 
         ds = kb.BigArrayDataset(
-            x, y,
+            x,
+            y,
             batch_size=256,
-            shuffle="block",          # whole chunks, each decoded once an epoch
+            shuffle="block",  # whole chunks, each decoded once an epoch
             seed=0,
-            workers=2,                # two reader processes...
+            workers=2,  # two reader processes...
             use_multiprocessing=True,  # ...that reopen the HDF5 file themselves
         )
         train, val = ds.validation_split(0.1)
-        print(f"train: {len(train)} batches read by {train.workers} processes, "
-              f"validation: {val.num_rows} rows")
+        print(
+            f"train: {len(train)} batches read by {train.workers} processes, "
+            f"validation: {val.num_rows} rows"
+        )
 
         keras.utils.set_random_seed(0)
         model = keras.Sequential(

@@ -51,8 +51,10 @@ def main() -> None:
         # pure function of (seed, epoch, batch): reproducible, new each epoch.
         ds = kb.BigArrayDataset(x, y, batch_size=256, shuffle=True, seed=0)
         train, val = ds.validation_split(0.1)  # the last 10% of rows, unshuffled
-        print(f"train: {train.num_rows} rows in {len(train)} batches, "
-              f"validation: {val.num_rows} rows")
+        print(
+            f"train: {train.num_rows} rows in {len(train)} batches, "
+            f"validation: {val.num_rows} rows"
+        )
 
         keras.utils.set_random_seed(0)
         model = keras.Sequential(

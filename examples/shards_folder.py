@@ -57,11 +57,15 @@ def main() -> None:
         model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(1)])
         model.compile(keras.optimizers.Adam(0.05), "mse")
         history = model.fit(train, validation_data=val, epochs=args.epochs, verbose=2)
-        print(f"validation mse: {history.history['val_loss'][0]:.3f} after epoch 1, "
-              f"{history.history['val_loss'][-1]:.3f} after epoch {args.epochs}")
+        print(
+            f"validation mse: {history.history['val_loss'][0]:.3f} after epoch 1, "
+            f"{history.history['val_loss'][-1]:.3f} after epoch {args.epochs}"
+        )
 
         # Sequential predictions line up with the rows of the shards.
-        pred = model.predict(kb.BigArrayDataset(x, batch_size=2048, shuffle=False), verbose=0)
+        pred = model.predict(
+            kb.BigArrayDataset(x, batch_size=2048, shuffle=False), verbose=0
+        )
         print(f"predict: {pred.shape[0]} rows from {len(x.parts)} shards")
         assert pred.shape == (len(x), 1)
 

@@ -152,7 +152,8 @@ class PeakMemory:
 
     def __repr__(self) -> str:
         return (
-            f"PeakMemory(source={self.source!r}, baseline={format_bytes(self.baseline)}, "
+            f"PeakMemory(source={self.source!r}, "
+            f"baseline={format_bytes(self.baseline)}, "
             f"peak={format_bytes(self.peak)}, growth={format_bytes(self.growth)})"
         )
 
@@ -187,7 +188,11 @@ def _mincore_fn():  # type: ignore[no-untyped-def]
             name = ctypes.util.find_library("c")
             lib = ctypes.CDLL(name, use_errno=True) if name else None
             if lib is not None and hasattr(lib, "mincore"):
-                lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+                lib.mincore.argtypes = [
+                    ctypes.c_void_p,
+                    ctypes.c_size_t,
+                    ctypes.c_void_p,
+                ]
                 lib.mincore.restype = ctypes.c_int
             else:
                 lib = None
@@ -248,4 +253,3 @@ def format_bytes(n: float | None) -> str:
                 return f"{sign}{value:.{digits}f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")  # pragma: no cover
-

@@ -70,7 +70,9 @@ def parse_size(text: str) -> int:
         )
     value = float(m.group(1)) * _UNITS[unit]
     if value < 1 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be at least 1 byte")
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: must be at least 1 byte"
+        )
     return int(value)
 
 
@@ -78,7 +80,9 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, received {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected an integer, received {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, received {value}")
     return value
@@ -124,39 +128,57 @@ def recommend(
         `(shuffle, why, batch_size, why)`.
     """
     if compressed:
-        mode, why = "block", (
-            "compressed: reading one row decodes its whole chunk, so a global "
-            "shuffle would decode about one chunk per row; block shuffle decodes "
-            "each chunk once per epoch"
+        mode, why = (
+            "block",
+            (
+                "compressed: reading one row decodes its whole chunk, so a global "
+                "shuffle would decode about one chunk per row; block shuffle decodes "
+                "each chunk once per epoch"
+            ),
         )
     elif not direct:
-        mode, why = "block", (
-            "read through h5py (chunks split rows, or big-endian): whole-chunk "
-            "reads in near-sequential order are much faster than scattered rows"
+        mode, why = (
+            "block",
+            (
+                "read through h5py (chunks split rows, or big-endian): whole-chunk "
+                "reads in near-sequential order are much faster than scattered rows"
+            ),
         )
     elif available is not None and nbytes > available:
-        mode, why = "block", (
-            f"larger than the {format_bytes(available)} of available memory: "
-            "every epoch reads from disk, and block shuffle keeps those reads "
-            "near-sequential (1 MiB blocks)"
+        mode, why = (
+            "block",
+            (
+                f"larger than the {format_bytes(available)} of available memory: "
+                "every epoch reads from disk, and block shuffle keeps those reads "
+                "near-sequential (1 MiB blocks)"
+            ),
         )
     elif cached is not None and cached >= _CACHED_FRACTION:
-        mode, why = "global", (
-            f"{100 * cached:.0f}% in the page cache: random rows cost about what "
-            "sequential ones do, so take the exact uniform shuffle"
+        mode, why = (
+            "global",
+            (
+                f"{100 * cached:.0f}% in the page cache: random rows cost about what "
+                "sequential ones do, so take the exact uniform shuffle"
+            ),
         )
     elif available is None or nbytes <= _FITS_IN_RAM_FRACTION * available:
         where = "" if cached is None else f" ({100 * cached:.0f}% cached now)"
-        mode, why = "global", (
-            f"fits in memory{where}: after the first epoch the page cache holds "
-            "it and random reads are cheap (on a spinning or network disk, use "
-            "'block' for the first epoch)"
+        mode, why = (
+            "global",
+            (
+                f"fits in memory{where}: after the first epoch the page cache holds "
+                "it and random reads are cheap (on a spinning or network disk, use "
+                "'block' for the first epoch)"
+            ),
         )
     else:
-        mode, why = "block", (
-            f"more than half of the {format_bytes(available)} of available "
-            "memory: the page cache may not keep it, so favour near-sequential "
-            "reads"
+        mode, why = (
+            "block",
+            (
+                f"more than half of the {format_bytes(available)} of available "
+                "memory: the page cache may not keep it, so favour near-sequential "
+                "reads"
+            ),
         )
 
     batch = _MAX_BATCH
@@ -218,7 +240,9 @@ def _describe(arr: Any, out: TextIO, label: str) -> tuple[str, int]:
 
     files = _files_of(arr)
     compressed = bool(arr.compressed)
-    direct = all(getattr(p, "direct", True) for p in (getattr(arr, "parts", None) or [arr]))
+    direct = all(
+        getattr(p, "direct", True) for p in (getattr(arr, "parts", None) or [arr])
+    )
     cached = _cached_fraction(files) if files else None
     avail = available_memory()
     mode, why, batch, bwhy = recommend(
@@ -253,19 +277,25 @@ def _describe(arr: Any, out: TextIO, label: str) -> tuple[str, int]:
             (
                 "shards",
                 f"{len(parts)} files, {min(lens):,} to {max(lens):,} rows each "
-                f"({files[0]} ... {files[-1]})" if files else f"{len(parts)}",
+                f"({files[0]} ... {files[-1]})"
+                if files
+                else f"{len(parts)}",
             )
         )
     if hasattr(arr, "chunks"):
         filters = ", ".join(arr.filters) or "none"
-        rows.append(("chunks", "none (contiguous)" if chunks is None else str(tuple(chunks))))
+        rows.append(
+            ("chunks", "none (contiguous)" if chunks is None else str(tuple(chunks)))
+        )
         rows.append(("compression", filters))
     else:
         rows.append(("compression", "none"))
     rows.append(
         (
             "page cache",
-            "unknown" if cached is None else f"{100 * cached:.0f}% of the file(s) resident",
+            "unknown"
+            if cached is None
+            else f"{100 * cached:.0f}% of the file(s) resident",
         )
     )
     rows.append(("memory", f"{format_bytes(avail)} available"))
@@ -345,7 +375,11 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
             "--shape -1,28,28; --offset for a header)."
         )
     arr = kb.open_array(path, **kwargs)
-    label = path if args.key is None else f"{path} [{arr.key if hasattr(arr, 'key') else args.key}]"
+    label = (
+        path
+        if args.key is None
+        else f"{path} [{arr.key if hasattr(arr, 'key') else args.key}]"
+    )
     _describe(arr, out, label)
     return 0
 
@@ -388,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="write a synthetic dataset to disk and train a small model streaming from it",
+        help="write a synthetic dataset to disk, train a small model streaming it",
         description=(
             "Writes a synthetic classification dataset (float32 rows of 256 "
             "features, int32 labels of 10 classes from a noisy linear teacher) "
@@ -408,9 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help=f"dataset size, e.g. 200MB, 1GB, 30GB (default: {DEFAULT_SIZE})",
     )
-    d.add_argument("--format", choices=("npy", "h5"), default="npy", help="default: npy")
+    d.add_argument(
+        "--format", choices=("npy", "h5"), default="npy", help="default: npy"
+    )
     d.add_argument("--epochs", type=_positive_int, default=2, help="default: 2")
-    d.add_argument("--batch-size", type=_positive_int, default=1024, help="default: 1024")
+    d.add_argument(
+        "--batch-size", type=_positive_int, default=1024, help="default: 1024"
+    )
     d.add_argument(
         "--shuffle",
         choices=("global", "block"),
@@ -444,14 +482,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("path", help="a file, a folder of .npy shards, or a quoted glob")
     i.add_argument("--key", default=None, help="HDF5 dataset (default: all of them)")
-    i.add_argument("--dtype", default=None, help="element type of a raw file, e.g. uint8")
+    i.add_argument(
+        "--dtype", default=None, help="element type of a raw file, e.g. uint8"
+    )
     i.add_argument(
         "--shape",
         type=_shape,
         default=None,
         help="shape of a raw file, one -1 to infer, e.g. -1,28,28 (default: -1)",
     )
-    i.add_argument("--offset", type=int, default=0, help="header bytes to skip in a raw file")
+    i.add_argument(
+        "--offset", type=int, default=0, help="header bytes to skip in a raw file"
+    )
     i.set_defaults(func=cmd_inspect)
     return parser
 

@@ -128,12 +128,16 @@ def _teacher(seed: int) -> np.ndarray:
     )
 
 
-def _chunk(seed: int, index: int, rows: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _chunk(
+    seed: int, index: int, rows: int, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     # Each chunk has its own stream, so the data does not depend on the order
     # or the size of the writes around it.
     rng = np.random.default_rng([seed, 1, index])
     x = rng.standard_normal((rows, FEATURES), dtype=np.float32)
-    logits = x @ w + TEACHER_NOISE * rng.standard_normal((rows, CLASSES), dtype=np.float32)
+    logits = x @ w + TEACHER_NOISE * rng.standard_normal(
+        (rows, CLASSES), dtype=np.float32
+    )
     return x, np.argmax(logits, axis=1).astype(Y_DTYPE)
 
 
@@ -188,9 +192,17 @@ def _write_h5(directory: Path, rows: int, seed: int, progress: Any) -> list[Path
 
 def _data_for(directory: Path, fmt: str, rows: int) -> DemoData:
     if fmt == "npy":
-        return DemoData(directory, fmt, rows, str(directory / "x.npy"), str(directory / "y.npy"))
+        return DemoData(
+            directory, fmt, rows, str(directory / "x.npy"), str(directory / "y.npy")
+        )
     return DemoData(
-        directory, fmt, rows, str(directory / "data.h5"), str(directory / "data.h5"), "x", "y"
+        directory,
+        fmt,
+        rows,
+        str(directory / "data.h5"),
+        str(directory / "data.h5"),
+        "x",
+        "y",
     )
 
 
@@ -421,8 +433,6 @@ def run_demo(
     if data.reused:
         print(f"Reusing the demo dataset in {data.directory}", file=out, flush=True)
 
-    import keras
-
     import keras_bigarray as kb
 
     x, y = data.open()
@@ -443,7 +453,7 @@ def run_demo(
     timer = _timer_callback()
     print(
         f"Training {epochs} epoch(s) on {train.num_rows:,} rows, validating on "
-        f"{val.num_rows:,} (batch_size={batch_size}, shuffle={shuffle!r})",
+        f"{val.num_rows:,}",
         file=out,
         flush=True,
     )
@@ -452,7 +462,11 @@ def run_demo(
         sys.stdout = out  # Keras prints its progress to sys.stdout
         with PeakMemory() as mem:
             history = model.fit(
-                train, validation_data=val, epochs=epochs, verbose=verbose, callbacks=[timer]
+                train,
+                validation_data=val,
+                epochs=epochs,
+                verbose=verbose,
+                callbacks=[timer],
             )
     finally:
         sys.stdout = stdout
@@ -488,37 +502,48 @@ def run_demo(
 
 
 def print_summary(r: DemoResult, out: TextIO) -> None:
-    """The one-screen summary at the end of the demo."""
+    """The one-screen summary at the end of the demo (under 80 columns wide,
+    but for the dataset's path)."""
     d = r.data
-    files = ", ".join(sorted({Path(d.x).name, Path(d.y).name}))
+    files = " + ".join(sorted({Path(d.x).name, Path(d.y).name}))
     how = "reused" if d.reused else f"written in {d.write_seconds:.1f} s"
     ram = available_memory()
-    mem_what = "anonymous memory (RssAnon)" if r.memory_source == "RssAnon" else "peak RSS"
+    anon = r.memory_source == "RssAnon"
+    share = 100 * r.memory_growth / max(1, d.nbytes)
+    of_step = 100 * r.rows_per_second / max(r.step_only_rows_per_second, 1e-9)
+    x_rate = format_bytes(r.rows_per_second * FEATURES * X_DTYPE.itemsize)
+    per_epoch = r.train_rows // r.epochs
     lines = [
         "",
         "keras-bigarray demo: summary",
-        f"  dataset     {d.directory} ({files}; {how})",
-        f"              {format_bytes(d.nbytes)} on disk, {d.rows:,} rows x {FEATURES} "
-        f"float32 features + an int32 label ({CLASSES} classes)"
-        + (f"; {format_bytes(ram)} of RAM available" if ram else ""),
-        f"  training    {r.epochs} epoch(s) on {r.train_rows // r.epochs:,} rows, "
-        f"validation on the last {r.val_rows:,}; Dense {FEATURES}-{HIDDEN}-{CLASSES}, "
-        f"batch_size={r.batch_size}, shuffle={r.shuffle!r}",
-        f"  throughput  {r.rows_per_second:,.0f} rows/s "
-        f"({format_bytes(r.rows_per_second * FEATURES * X_DTYPE.itemsize)}/s of x), "
+        f"  dataset     {d.directory}",
+        f"              {files}, {format_bytes(d.nbytes)} ({how})",
+        f"              {d.rows:,} rows: {FEATURES} float32 features, "
+        f"a label of {CLASSES} classes",
+        f"  training    {r.epochs} epoch(s) x {per_epoch:,} rows, "
+        f"shuffle={r.shuffle!r}, batch_size={r.batch_size}",
+        f"              validation: the last {r.val_rows:,} rows; "
+        f"model Dense {FEATURES}-{HIDDEN}-{CLASSES}",
+        f"  throughput  {r.rows_per_second:,.0f} rows/s ({x_rate}/s), "
         f"{r.train_seconds:.1f} s of training steps",
-        f"              = {100 * r.rows_per_second / max(r.step_only_rows_per_second, 1e-9):.0f}% "
-        f"of the same model fed one in-memory batch repeatedly "
-        f"({r.step_only_rows_per_second:,.0f} rows/s)",
-        f"  memory      peak growth during fit: {format_bytes(r.memory_growth)} of "
-        f"{mem_what} = {100 * r.memory_growth / max(1, d.nbytes):.1f}% of the "
-        f"{format_bytes(d.nbytes)} dataset",
-        f"              (baseline {format_bytes(r.memory_baseline)}, peak "
-        f"{format_bytes(r.memory_peak)}; model.fit(np.load(path, mmap_mode='r')) "
-        "would copy the whole array in)",
-        f"  accuracy    validation accuracy {100 * r.val_accuracy:.1f}% "
-        f"(chance: {100 * r.chance_accuracy:.1f}%; the noiseless teacher that "
-        f"made the labels: {100 * r.teacher_accuracy:.1f}%)",
+        f"              = {of_step:.0f}% of the same model fed one in-memory batch",
+        f"              over and over ({r.step_only_rows_per_second:,.0f} rows/s)",
+        f"  memory      peak growth during fit: {format_bytes(r.memory_growth)}"
+        f" = {share:.1f}% of the {format_bytes(d.nbytes)} dataset",
+        (
+            "              (anonymous memory: page cache and mapped files excluded;"
+            if anon
+            else "              (peak resident set size, a lower bound;"
+        ),
+        f"              baseline {format_bytes(r.memory_baseline)}, "
+        f"peak {format_bytes(r.memory_peak)}"
+        + (f", {format_bytes(ram)} available)" if ram else ")"),
+        "              model.fit(np.load(path, mmap_mode='r')) would copy the",
+        "              whole array into memory instead",
+        f"  accuracy    {100 * r.val_accuracy:.1f}% on validation (chance "
+        f"{100 * r.chance_accuracy:.1f}%; the noiseless",
+        f"              teacher that labelled the data: "
+        f"{100 * r.teacher_accuracy:.1f}%)",
         f"  total       {r.total_seconds:.1f} s",
     ]
     print("\n".join(lines), file=out, flush=True)

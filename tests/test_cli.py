@@ -118,7 +118,10 @@ def test_page_cache_fraction(tmp_path: Path) -> None:
 
 def test_recommend_modes() -> None:
     gib = 1 << 30
-    assert cli.recommend(gib, 1024, compressed=True, cached=1.0, available=8 * gib)[0] == "block"
+    assert (
+        cli.recommend(gib, 1024, compressed=True, cached=1.0, available=8 * gib)[0]
+        == "block"
+    )
     assert cli.recommend(gib, 1024, direct=False, available=8 * gib)[0] == "block"
     mode, why, _, _ = cli.recommend(20 * gib, 1024, cached=0.1, available=8 * gib)
     assert mode == "block" and "larger than" in why
@@ -139,7 +142,7 @@ def test_recommend_batch_size() -> None:
 
 # ---- the demo ---------------------------------------------------------------------
 
-_ACC = re.compile(r"validation accuracy ([0-9.]+)% \(chance: ([0-9.]+)%")
+_ACC = re.compile(r"([0-9.]+)% on validation \(chance ([0-9.]+)%")
 
 
 def _accuracy(out: str) -> tuple[float, float]:
@@ -151,8 +154,19 @@ def _accuracy(out: str) -> tuple[float, float]:
 def test_demo_npy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # 4 MB: ~3,900 rows, enough for a validation set of ~200 rows to tell a
     # learned model from chance without doubt.
-    args = ["demo", "--size", "4MB", "--dir", str(tmp_path), "--epochs", "4",
-            "--batch-size", "64", "--verbose", "0"]
+    args = [
+        "demo",
+        "--size",
+        "4MB",
+        "--dir",
+        str(tmp_path),
+        "--epochs",
+        "4",
+        "--batch-size",
+        "64",
+        "--verbose",
+        "0",
+    ]
     rc, out, err = run(capsys, *args)
     assert rc == 0, err
     assert "Writing the demo dataset" in out
@@ -178,8 +192,20 @@ def test_demo_npy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_demo_h5_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(
-        capsys, "demo", "--size", "4MB", "--dir", str(tmp_path), "--format", "h5",
-        "--epochs", "5", "--batch-size", "128", "--verbose", "2",
+        capsys,
+        "demo",
+        "--size",
+        "4MB",
+        "--dir",
+        str(tmp_path),
+        "--format",
+        "h5",
+        "--epochs",
+        "5",
+        "--batch-size",
+        "128",
+        "--verbose",
+        "2",
     )
     assert rc == 0, err
     assert "shuffle='block'" in out  # h5's default
@@ -268,14 +294,27 @@ def test_inspect_raw(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     np.zeros((50, 28, 28), np.uint8).tofile(p)
     # "--shape -1,28,28" as people type it (argparse alone would take
     # "-1,28,28" for an option).
-    rc, out, err = run(capsys, "inspect", str(p), "--dtype", "uint8", "--shape", "-1,28,28")
+    rc, out, err = run(
+        capsys, "inspect", str(p), "--dtype", "uint8", "--shape", "-1,28,28"
+    )
     assert rc == 0, err
     assert _field(out, "shape") == "(50, 28, 28)"
     assert _field(out, "format").startswith("raw binary")
-    rc, out, err = run(capsys, "inspect", str(p), "--dtype", "float32", "--shape=-1,2", "--offset", "16")
+    rc, out, err = run(
+        capsys,
+        "inspect",
+        str(p),
+        "--dtype",
+        "float32",
+        "--shape=-1,2",
+        "--offset",
+        "16",
+    )
     assert rc == 0, err
     assert _field(out, "shape") == "(4898, 2)"
-    rc, out, err = run(capsys, "inspect", str(p), "--dtype", "float64", "--shape", "-1,3")
+    rc, out, err = run(
+        capsys, "inspect", str(p), "--dtype", "float64", "--shape", "-1,3"
+    )
     assert rc == 2 and "not a whole number" in err
     rc, out, err = run(capsys, "inspect", str(p))
     assert rc == 2 and "--dtype" in err and "Traceback" not in err
@@ -285,8 +324,10 @@ def test_inspect_hdf5(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     p = tmp_path / "data.h5"
     with h5py.File(p, "w") as f:
         f.create_dataset(
-            "train/images", data=np.zeros((300, 16, 16, 3), np.uint8),
-            chunks=(32, 16, 16, 3), compression="gzip",
+            "train/images",
+            data=np.zeros((300, 16, 16, 3), np.uint8),
+            chunks=(32, 16, 16, 3),
+            compression="gzip",
         )
         f.create_dataset("train/labels", data=np.arange(300))
         f.create_dataset("names", data=np.array([b"a"] * 3, dtype=h5py.string_dtype()))

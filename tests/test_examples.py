@@ -14,9 +14,18 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # Rows small enough for seconds per script, large enough for a validation split
 # and a few batches; and what each script must say it did.
 CASES = {
-    "quickstart_npy.py": (["--rows", "3000", "--epochs", "1"], ["wrote", "evaluate:", "predict: 3000 scores"]),
-    "hdf5_workers.py": (["--rows", "3000", "--epochs", "1"], ["gzip", "read by 2 processes", "evaluate:"]),
-    "shards_folder.py": (["--rows", "3000", "--epochs", "1"], ["opened 12 shards", "predict: 3000 rows"]),
+    "quickstart_npy.py": (
+        ["--rows", "3000", "--epochs", "1"],
+        ["wrote", "evaluate:", "predict: 3000 scores"],
+    ),
+    "hdf5_workers.py": (
+        ["--rows", "3000", "--epochs", "1"],
+        ["gzip", "read by 2 processes", "evaluate:"],
+    ),
+    "shards_folder.py": (
+        ["--rows", "3000", "--epochs", "1"],
+        ["opened 12 shards", "predict: 3000 rows"],
+    ),
 }
 
 
