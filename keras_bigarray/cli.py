@@ -453,7 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--shuffle",
         choices=("global", "block"),
         default=None,
-        help="default: global for npy, block for h5",
+        help=(
+            "default: block for h5; for npy global, or block when the dataset "
+            "is over half the available memory"
+        ),
     )
     d.add_argument(
         "--dir",

@@ -56,6 +56,10 @@ VALIDATION_FRACTION = 0.05
 
 MIN_ROWS = 200
 
+# Above this share of the available memory the npy demo defaults to block
+# shuffle: the page cache cannot be counted on to keep the file.
+BLOCK_ABOVE_MEMORY_FRACTION = 0.5
+
 # Steps of the in-memory comparison run: ~1-2 s of a 2-core CPU at this model size.
 STEP_ONLY_STEPS = 500
 
@@ -355,13 +359,47 @@ def _timer_callback() -> Any:
     return TrainTimer()
 
 
+def _default_shuffle(data: DemoData, out: TextIO) -> str:
+    # HDF5: block, aligned to its chunks. npy: the exact global shuffle while
+    # the page cache can hold the file; past that, every random row would be a
+    # disk read, and block shuffle keeps reads near-sequential.
+    if data.format != "npy":
+        return "block"
+    avail = available_memory()
+    if avail is not None and data.nbytes > avail * BLOCK_ABOVE_MEMORY_FRACTION:
+        print(
+            f"Using shuffle='block': the {format_bytes(data.nbytes)} dataset is more "
+            f"than half the {format_bytes(avail)} of available memory, so the page "
+            "cache cannot keep it (pass --shuffle global to override)",
+            file=out,
+            flush=True,
+        )
+        return "block"
+    return "global"
+
+
 def _step_only_rate(model: Any, batch: tuple[Any, Any], steps: int) -> float:
     """Rows/s of `fit` fed one in-memory batch over and over: the pure step cost."""
-    import tensorflow as tf
-
     timer = _timer_callback()
-    repeated = tf.data.Dataset.from_tensors(batch).repeat(steps)
-    model.fit(repeated, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
+    try:
+        import tensorflow as tf
+
+        feed: Any = tf.data.Dataset.from_tensors(batch).repeat(steps)
+    except ImportError:  # another Keras backend without TensorFlow
+
+        def repeat() -> Any:
+            for _ in range(steps):
+                yield batch
+
+        feed = repeat()
+    model.fit(
+        feed,
+        epochs=1,
+        steps_per_epoch=steps,
+        verbose=0,
+        shuffle=False,
+        callbacks=[timer],
+    )
     return steps * len(batch[1]) / max(timer.seconds, 1e-9)
 
 
@@ -404,7 +442,8 @@ def run_demo(
         fmt: `"npy"` or `"h5"`.
         epochs: passes over the training rows.
         batch_size: rows per batch.
-        shuffle: `"global"` or `"block"`; None: global for npy, block for h5.
+        shuffle: `"global"` or `"block"`; None: block for h5, and for npy
+            global, or block when the file is over half the available memory.
         seed: data, shuffle and model-initialisation seed.
         verbose: `model.fit`'s verbosity; "auto": a progress bar on a terminal,
             a line per epoch otherwise.
@@ -415,9 +454,7 @@ def run_demo(
     """
     out = sys.stdout if out is None else out
     t_start = time.perf_counter()
-    if shuffle is None:
-        shuffle = "global" if fmt == "npy" else "block"
-    if shuffle not in ("global", "block"):
+    if shuffle not in (None, "global", "block"):
         raise ValueError(f"shuffle must be 'global' or 'block', received {shuffle=}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, received {epochs=}")
@@ -432,6 +469,8 @@ def run_demo(
     )
     if data.reused:
         print(f"Reusing the demo dataset in {data.directory}", file=out, flush=True)
+    if shuffle is None:
+        shuffle = _default_shuffle(data, out)
 
     import keras_bigarray as kb
 

@@ -4,6 +4,7 @@ behind the demo's numbers."""
 from __future__ import annotations
 
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -239,6 +240,23 @@ def test_write_dataset_streams_in_chunks(
     assert again.reused
     other = demo.write_dataset(tmp_path / "a", 20_000_000, "npy", seed=4)
     assert not other.reused  # another seed: rewritten
+
+
+def test_demo_default_shuffle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def data(fmt: str, nbytes: int) -> demo.DemoData:
+        return demo.DemoData(tmp_path, fmt, 1000, "x", "y", nbytes=nbytes)
+
+    monkeypatch.setattr(demo, "available_memory", lambda: 8 << 30)
+    assert demo._default_shuffle(data("npy", 1 << 30), sys.stdout) == "global"
+    assert demo._default_shuffle(data("h5", 1 << 30), sys.stdout) == "block"
+    assert capsys.readouterr().out == ""
+    # Larger than the page cache can keep: block, and the demo says why.
+    assert demo._default_shuffle(data("npy", 30 << 30), sys.stdout) == "block"
+    assert "Using shuffle='block'" in capsys.readouterr().out
+    monkeypatch.setattr(demo, "available_memory", lambda: None)
+    assert demo._default_shuffle(data("npy", 30 << 30), sys.stdout) == "global"
 
 
 def test_demo_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
