@@ -387,23 +387,27 @@ class StreamingModel(keras.Model):
     def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
         # Keras builds from a first batch reduced over replicas with
         # `strategy.reduce`, which fails under MultiWorkerMirroredStrategy and
-        # reads (and loses) a batch of ours. A StreamingBatches knows its spec.
-        strategy = self._distribute_strategy
-        if strategy is None:
+        # reads (and loses) a batch of ours; without a strategy it builds while
+        # tracing the step, and creating the optimizer's variables there makes
+        # tf.function trace the step a second time. A StreamingBatches knows
+        # its batch spec, so the model, metrics and optimizer are built from
+        # it, before the first trace, on any strategy.
+        adapter = getattr(iterator, "data_adapter", None)
+        if isinstance(adapter, StreamingBatches):
+            data_batch = adapter.symbolic_batch()
+            iterator = None
+        elif self._distribute_strategy is None:
             return
+        strategy = self.distribute_strategy
         if iterator is not None:
-            adapter = getattr(iterator, "data_adapter", None)
-            if isinstance(adapter, StreamingBatches):
-                data_batch = adapter.symbolic_batch()
-            else:
-                for _, _, it in iterator:
-                    data_batch = keras.tree.map_structure(
-                        lambda v: strategy.experimental_local_results(v)[0]
-                        if isinstance(v, tf.distribute.DistributedValues)
-                        else v,
-                        next(it),
-                    )
-                    break
+            for _, _, it in iterator:
+                data_batch = keras.tree.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues)
+                    else v,
+                    next(it),
+                )
+                break
         x, y, sample_weight, _ = self.unpack_batch(data_batch)
         x = keras.tree.map_structure(_symbolic, x)
         data_batch = (
