@@ -71,8 +71,8 @@ class PeakMemory:
     Reports the baseline on entry, the peak seen, and the growth (peak minus
     baseline), in bytes. On Linux it samples `RssAnon` every `interval`
     seconds; elsewhere it falls back to the process's peak resident set size
-    (`ru_maxrss`, which includes file-backed pages and cannot see below an
-    earlier peak, so growth is a lower bound there).
+    (`ru_maxrss`: a rough figure, since it counts memory-mapped file pages too
+    and cannot see a peak lower than an earlier one).
 
     Args:
         interval: seconds between samples.

@@ -572,7 +572,7 @@ def print_summary(r: DemoResult, out: TextIO) -> None:
         (
             "              (anonymous memory: page cache and mapped files excluded;"
             if anon
-            else "              (peak resident set size, a lower bound;"
+            else "              (peak RSS, mapped file pages included: rough;"
         ),
         f"              baseline {format_bytes(r.memory_baseline)}, "
         f"peak {format_bytes(r.memory_peak)}"
