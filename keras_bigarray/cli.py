@@ -418,7 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from keras_bigarray.demo import DEFAULT_SIZE, default_dir
+    from keras_bigarray.demo import (
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_EPOCHS,
+        DEFAULT_SIZE,
+        default_dir,
+    )
 
     d = sub.add_parser(
         "demo",
@@ -427,12 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
             "Writes a synthetic classification dataset (float32 rows of 256 "
             "features, int32 labels of 10 classes from a noisy linear teacher) "
             "to a cache folder in chunks, then trains a small Dense model on it "
-            "with BigArrayDataset, holding out the last 5%% for validation, and "
+            "with BigArrayDataset, holding out the last 5% for validation, and "
             "prints training rows/s, the peak growth of anonymous memory during "
             "fit against the dataset size, and the validation accuracy. The "
-            f"default ({DEFAULT_SIZE}, 2 epochs) takes well under a minute on a "
-            "2-core CPU; sizes larger than RAM work too (the data is streamed), "
-            "they only take longer."
+            f"default ({DEFAULT_SIZE}, {DEFAULT_EPOCHS} epochs) takes well under a "
+            "minute on a 2-core CPU; sizes larger than RAM work too (the data "
+            "is streamed), they only take longer."
         ),
     )
     d.add_argument(
@@ -445,9 +450,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--format", choices=("npy", "h5"), default="npy", help="default: npy"
     )
-    d.add_argument("--epochs", type=_positive_int, default=2, help="default: 2")
     d.add_argument(
-        "--batch-size", type=_positive_int, default=1024, help="default: 1024"
+        "--epochs",
+        type=_positive_int,
+        default=DEFAULT_EPOCHS,
+        help=f"default: {DEFAULT_EPOCHS}",
+    )
+    d.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"default: {DEFAULT_BATCH_SIZE}",
     )
     d.add_argument(
         "--shuffle",

@@ -18,6 +18,8 @@ import numpy as np
 from keras_bigarray._memory import PeakMemory, available_memory, format_bytes
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_EPOCHS",
     "DEFAULT_SIZE",
     "DemoData",
     "DemoResult",
@@ -38,6 +40,8 @@ ROW_NBYTES = FEATURES * X_DTYPE.itemsize + Y_DTYPE.itemsize
 # rows/s measured), so the demo's two epochs finish in well under a minute on a
 # busy laptop too. Larger sizes stream the same way, only longer.
 DEFAULT_SIZE = "1GB"
+DEFAULT_EPOCHS = 2
+DEFAULT_BATCH_SIZE = 1024
 
 # Logit noise of the teacher, relative to the clean logits' unit variance: the
 # noiseless teacher then agrees with ~75% of the labels, and the demo's model
@@ -427,8 +431,8 @@ def run_demo(
     *,
     size_bytes: int,
     fmt: str = "npy",
-    epochs: int = 1,
-    batch_size: int = 1024,
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     shuffle: str | None = None,
     seed: int = 0,
     verbose: int | str = "auto",
