@@ -1,0 +1,691 @@
+"""The benchmark cases. Each returns a `CaseResult` whose variants (ours, the
+peers, and the limits) were timed in interleaved rounds; `TARGETS` in `_report.py`
+reads the ratios of DESIGN.md from them."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import _data
+from _harness import CaseResult, Measurement, Variant, interleave, log, timed
+
+SEED = 1234
+SHUFFLE_WINDOW_NOTE = "block shuffle: 1 MiB blocks (1024 rows), windows of 16 blocks"
+
+
+@dataclass
+class Config:
+    data_dir: str
+    quick: bool = False
+    batch_size: int = 1024
+    repeats: int = 5
+    fit_repeats: int = 3
+    memory_repeats: int = 1
+    workers: int = 2
+    pipeline_bytes: int = 1 << 30
+    h5_bytes: int = 512 << 20
+    fit_rows: int = 256 * 1024
+    fit_spe: tuple[int, ...] = (1, 32)
+    memory_bytes: tuple[int, ...] = (2 * 10**9, 8 * 10**9)
+    # Bounded variants (h5py fancy indexing, global shuffle of gzip) read
+    # batches until this many seconds have passed, at least one batch.
+    bounded_seconds: float = 3.0
+    huge: bool = False
+    huge_bytes: int | None = None
+    huge_fraction_of_ram: float = 1.25
+    gpu_steps: int = 200
+    notes: list[str] = field(default_factory=list)
+
+
+def _dataset(x: Any, y: Any = None, **kw: Any) -> Any:
+    import keras_bigarray as kb
+
+    return kb.BigArrayDataset(x, y, **kw)
+
+
+# ---- pipeline alone, .npy in the page cache ---------------------------------------
+
+
+def _read_all(reader: Any, epoch: int, n: int) -> None:
+    for i in range(n):
+        reader.read(epoch, i)
+
+
+def case_pipeline(cfg: Config) -> CaseResult:
+    import keras_bigarray as kb
+    from keras_bigarray._memory import page_cache_fraction
+
+    B = cfg.batch_size
+    rows = _data.rows_for(cfg.pipeline_bytes, B)
+    pair = _data.npy_pair(cfg.data_dir, "pipeline", rows)
+    _data.warm(pair.x)
+    cached = page_cache_fraction(pair.x)
+    x = kb.open_array(pair.x)
+    bare = np.load(pair.x, mmap_mode="r").view(np.ndarray)
+    nb = rows // B
+    batch_bytes = B * x.row_nbytes
+    total = (nb * B, nb * batch_bytes)
+    case = CaseResult(
+        "pipeline",
+        "Pipeline alone, .npy in the page cache",
+        "MB/s",
+        f"{rows * x.row_nbytes / 2**30:.2f} GiB float32 .npy ({rows:,} rows of "
+        f"{x.row_nbytes} bytes), batch {B}, one epoch ({nb} batches) per "
+        f"measurement, {100 * (cached or 0):.0f}% of the file in the page cache. "
+        f"Batches are produced and dropped (no training). {SHUFFLE_WINDOW_NOTE}.",
+    )
+
+    def make(mode: str, workers: int = 1) -> Any:
+        return kb.BigArrayDataset(
+            x, batch_size=B, shuffle=False if mode == "sequential" else mode,
+            seed=SEED, drop_remainder=True, workers=workers,
+        )
+
+    readers = {m: make(m).reader for m in ("sequential", "global", "block")}
+    # np.take gets the very indices our reader reads in epoch 0, computed
+    # beforehand: the limit of a gather of those rows, with no index work.
+    take_idx = {
+        m: [readers[m].sampler.batch(0, i)[0] for i in range(nb)]
+        for m in ("global", "block")
+    }
+
+    def copy_run(_r: int) -> Measurement:
+        def go() -> tuple[int, int]:
+            for i in range(nb):
+                np.array(bare[i * B : (i + 1) * B])
+            return total
+        return timed(go)
+
+    def take_run(mode: str):
+        def run(_r: int) -> Measurement:
+            idx = take_idx[mode]
+
+            def go() -> tuple[int, int]:
+                for i in range(nb):
+                    np.take(bare, idx[i], axis=0)
+                return total
+            return timed(go)
+        return run
+
+    def reader_run(mode: str):
+        def run(_r: int) -> Measurement:
+            return timed(lambda: (_read_all(readers[mode], 0, nb), total)[1])
+        return run
+
+    parallel = {m: make(m, cfg.workers) for m in ("sequential", "global", "block")}
+
+    def iter_run(mode: str):
+        def run(_r: int) -> Measurement:
+            def go() -> tuple[int, int]:
+                for _ in parallel[mode].iterate_epoch(epoch=0):
+                    pass
+                return total
+            return timed(go)
+        return run
+
+    tfds: dict[str, Any] = {}
+
+    def tf_run(mode: str):
+        def run(_r: int) -> Measurement:
+            if mode not in tfds:
+                tfds[mode] = make(mode).to_tf_dataset()
+            ds = tfds[mode]
+
+            def go() -> tuple[int, int]:
+                for _ in ds:
+                    pass
+                return total
+            return timed(go)
+        return run
+
+    w = cfg.workers
+    variants = [
+        Variant("copy", "numpy copy of each batch's slice (limit)", False, copy_run,
+                "np.array(x[i*B:(i+1)*B]) on a memmap", "NUMPY SLICE COPY"),
+        Variant("take_global", "np.take, global-shuffle indices (limit)", False,
+                take_run("global"), "np.take(x, idx, axis=0), sorted indices precomputed",
+                "NP.TAKE GLOBAL IDX"),
+        Variant("take_block", "np.take, block-shuffle indices (limit)", False,
+                take_run("block"), "as above, block-shuffle indices", "NP.TAKE BLOCK IDX"),
+    ]
+    for m in ("sequential", "global", "block"):
+        variants += [
+            Variant(f"reader_{m}", f"ours {m}, BatchReader.read (1 thread)", True,
+                    reader_run(m), "sampling + reading, one thread", f"OURS {m} READER"),
+            Variant(f"iter_{m}", f"ours {m}, ds.iterate_epoch() ({w} threads)", True,
+                    iter_run(m), f"workers={w}, max_queue_size=10", f"OURS {m} ITER W{w}"),
+            Variant(f"tf_{m}", f"ours {m}, ds.to_tf_dataset()", True, tf_run(m),
+                    "tf.data, autotuned parallel reads, iterated eagerly",
+                    f"OURS {m} TF.DATA"),
+        ]
+    interleave(case, variants, cfg.repeats)
+    case.notes.append(
+        "Targets use the single-thread BatchReader (the same work as the limits: "
+        "one thread, no training). The threaded and tf.data rows are what "
+        f"users get; on this {os.cpu_count()}-core machine they share the cores."
+    )
+    return case
+
+
+# ---- HDF5 --------------------------------------------------------------------------
+
+
+def _bounded(fn: Any, nb: int, seconds: float, batch_rows: int, row_nbytes: int) -> Measurement:
+    """Runs `fn(i)` for batches until `seconds` pass (at least one)."""
+    t0 = time.perf_counter()
+    done = 0
+    while done < nb:
+        fn(done)
+        done += 1
+        if time.perf_counter() - t0 >= seconds:
+            break
+    dt = time.perf_counter() - t0
+    return Measurement(dt, done * batch_rows, done * batch_rows * row_nbytes,
+                       {"batches": float(done)})
+
+
+def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
+    import h5py
+
+    import keras_bigarray as kb
+
+    B = cfg.batch_size
+    rows = _data.rows_for(cfg.h5_bytes, B)
+    path = _data.h5_file(cfg.data_dir, rows, gzip=gzip)
+    _data.warm(path)
+    x = kb.open_array(path, key="x")
+    nb = rows // B
+    rb = x.row_nbytes
+    total = (nb * B, nb * B * rb)
+    ratio = rows * rb / os.path.getsize(path)
+    kind = "gzip" if gzip else "uncompressed"
+    case = CaseResult(
+        f"hdf5_{kind}",
+        f"HDF5, chunked {kind}",
+        "MB/s",
+        f"{rows * rb / 2**20:.0f} MiB float32 dataset ({rows:,} rows of {rb} bytes), "
+        f"chunks of {_data.H5_CHUNK_ROWS} rows (1 MiB)"
+        + (f", gzip level {_data.H5_GZIP_LEVEL} (ratio {ratio:.1f}x)" if gzip else
+           ", no filters (ours reads the chunks' bytes through a memory map)")
+        + f", file in the page cache, batch {B}, single thread. Full-epoch "
+        f"variants read all {nb} batches; bounded ones read batches for "
+        f"{cfg.bounded_seconds:g} s (at least one).",
+    )
+    f = h5py.File(path, "r")
+    hds = f["x"]
+
+    def make(mode: str) -> Any:
+        return kb.BigArrayDataset(
+            x, batch_size=B, shuffle=False if mode == "sequential" else mode,
+            seed=SEED, drop_remainder=True,
+        ).reader
+
+    readers = {m: make(m) for m in ("sequential", "global", "block")}
+    global_idx = [readers["global"].sampler.batch(0, i)[0] for i in range(nb)]
+
+    def h5_seq(_r: int) -> Measurement:
+        def go() -> tuple[int, int]:
+            for i in range(nb):
+                hds[i * B : (i + 1) * B]
+            return total
+        return timed(go)
+
+    def h5_fancy(_r: int) -> Measurement:
+        return _bounded(lambda i: hds[global_idx[i]], nb, cfg.bounded_seconds, B, rb)
+
+    def ours(mode: str, bounded: bool = False):
+        reader = readers[mode]
+
+        def run(_r: int) -> Measurement:
+            if bounded:
+                return _bounded(lambda i: reader.read(0, i), nb, cfg.bounded_seconds, B, rb)
+            return timed(lambda: (_read_all(reader, 0, nb), total)[1])
+        return run
+
+    variants = [
+        Variant("h5py_seq", "h5py sequential slicing ds[a:b]", False, h5_seq,
+                "h5py defaults (1 MiB chunk cache)", "H5PY SLICES"),
+        Variant("h5py_fancy", "h5py fancy indexing ds[sorted idx] (bounded)", False,
+                h5_fancy, "global-shuffle indices, sorted", "H5PY FANCY INDEXING"),
+        Variant("reader_sequential", "ours sequential", True, ours("sequential"),
+                "BatchReader.read", "OURS SEQUENTIAL"),
+        Variant("reader_block", "ours block", True, ours("block"),
+                "BatchReader.read, blocks aligned to chunks", "OURS BLOCK"),
+        Variant("reader_global", "ours global" + (" (bounded)" if gzip else ""), True,
+                ours("global", bounded=gzip), "BatchReader.read", "OURS GLOBAL"),
+    ]
+    try:
+        interleave(case, variants, cfg.repeats)
+    finally:
+        f.close()
+    if gzip:
+        case.notes.append(
+            "Global shuffle over gzip decodes almost every chunk for each batch "
+            "(1024 random rows hit most of the chunks), which is why "
+            "BigArrayDataset warns and recommends shuffle='block' there."
+        )
+    return case
+
+
+# ---- model.fit ------------------------------------------------------------------------
+
+
+def make_model(spe: int) -> Any:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((_data.FEATURES,)),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(_data.CLASSES),
+        ]
+    )
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=spe,
+    )
+    return model
+
+
+def _epoch_timer() -> Any:
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.times: list[float] = []
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self.times.append(time.perf_counter() - self.t0)
+
+    return EpochTimer()
+
+
+def hand_written_pydataset(x: Any, y: Any, batch_size: int, **kw: Any) -> Any:
+    """What a user writes today: a PyDataset of sorted random gathers on memmaps."""
+    import keras
+
+    class RandomGathers(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__(**kw)
+            self.rng = np.random.default_rng(0)
+            self.perm = self.rng.permutation(len(x))
+
+        def __len__(self) -> int:
+            return len(x) // batch_size
+
+        def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+            idx = np.sort(self.perm[i * batch_size : (i + 1) * batch_size])
+            return x[idx], y[idx]
+
+        def on_epoch_end(self) -> None:
+            self.perm = self.rng.permutation(len(x))
+
+    return RandomGathers()
+
+
+def case_fit(cfg: Config, spe: int) -> CaseResult:
+    import tensorflow as tf
+
+    B = cfg.batch_size
+    rows = _data.rows_for(cfg.pipeline_bytes, B)
+    pair = _data.npy_pair(cfg.data_dir, "pipeline", rows)
+    n = min(rows, max(B, cfg.fit_rows // B * B))
+    steps = n // B
+    rb = _data.ROW_NBYTES
+    xm = np.load(pair.x, mmap_mode="r")
+    ym = np.load(pair.y, mmap_mode="r")
+    case = CaseResult(
+        f"fit_spe{spe}",
+        f"model.fit end to end, steps_per_execution={spe}",
+        "rows/s",
+        f"Dense(64, relu) -> Dense(10) on {n:,} rows of 256 float32 features "
+        f"(the first {n * rb / 2**20:.0f} MiB of the pipeline file, in the page "
+        f"cache), batch {B}, {steps} steps an epoch, Adam. Each measurement "
+        "builds and compiles a fresh model, runs fit(epochs=2) and times the "
+        "second epoch (the first one traces, and for the in-memory peers "
+        "copies the array); 'first epoch' is the first epoch's wall time.",
+    )
+
+    def measure(make_input: Any, fit_kw: dict[str, Any]) -> Measurement:
+        model = make_model(spe)
+        t0 = time.perf_counter()
+        inputs = make_input()
+        setup = time.perf_counter() - t0
+        timer = _epoch_timer()
+        model.fit(*inputs, epochs=2, verbose=0, callbacks=[timer], **fit_kw)
+        return Measurement(timer.times[1], steps * B, steps * B * rb,
+                           {"first_epoch_s": timer.times[0] + setup})
+
+    batch_x = np.array(xm[:B])
+    batch_y = np.array(ym[:B])
+
+    def step_only(_r: int) -> Measurement:
+        return measure(
+            lambda: (tf.data.Dataset.from_tensors((batch_x, batch_y)).repeat(),),
+            {"steps_per_epoch": steps},
+        )
+
+    def ours_ds(_r: int) -> Measurement:
+        return measure(
+            lambda: (_dataset(pair.x, pair.y, batch_size=B, shuffle=True, seed=SEED,
+                              rows=slice(0, n), workers=cfg.workers),),
+            {},
+        )
+
+    def ours_tf(_r: int) -> Measurement:
+        return measure(
+            lambda: (_dataset(pair.x, pair.y, batch_size=B, shuffle=True, seed=SEED,
+                              rows=slice(0, n), workers=cfg.workers).to_tf_dataset(),),
+            {},
+        )
+
+    def memmap(_r: int) -> Measurement:
+        return measure(lambda: (xm[:n], ym[:n]), {"batch_size": B, "shuffle": True})
+
+    def pydataset(_r: int) -> Measurement:
+        return measure(
+            lambda: (hand_written_pydataset(xm[:n], ym[:n], B, workers=cfg.workers),), {}
+        )
+
+    def recipe(_r: int) -> Measurement:
+        def make() -> tuple[Any]:
+            ds = (
+                tf.data.Dataset.from_tensor_slices((xm[:n], ym[:n]))
+                .shuffle(10_000, seed=SEED)
+                .batch(B)
+                .prefetch(tf.data.AUTOTUNE)
+            )
+            return (ds,)
+        return measure(make, {})
+
+    w = cfg.workers
+    variants = [
+        Variant("step", "pure step: one in-memory batch repeated (limit)", False, step_only,
+                "tf.data.Dataset.from_tensors(batch).repeat()", "PURE STEP (LIMIT)"),
+        Variant("ours_ds", f"ours: fit(BigArrayDataset), global, workers={w}", True,
+                ours_ds, "the DataAdapter path", "OURS FIT(DS)"),
+        Variant("ours_tf", f"ours: fit(ds.to_tf_dataset()), global", True, ours_tf,
+                "tf.data, parallel reads", "OURS FIT(DS.TO_TF_DATASET())"),
+        Variant("memmap", "model.fit(memmap, shuffle=True)", False, memmap,
+                "Keras copies the array into memory first", "FIT(MEMMAP)"),
+        Variant("pydataset", f"hand-written PyDataset, sorted random gathers, workers={w}",
+                False, pydataset, "x[np.sort(perm[i*B:(i+1)*B])] on memmaps",
+                "HAND-WRITTEN PYDATASET"),
+        Variant("recipe", "from_tensor_slices(x, y).shuffle(10k).batch.prefetch", False,
+                recipe, "the tf.data recipe over the memmap", "FROM_TENSOR_SLICES RECIPE"),
+    ]
+    interleave(case, variants, cfg.fit_repeats)
+    gc.collect()
+    return case
+
+
+# ---- peak memory, in a fresh process per measurement -----------------------------------
+
+# Keras copies a memmap given to fit into memory, about 3.2 arrays at the peak
+# (DESIGN.md: a 2 GB memmap peaked at 6.4 GB of RSS): run it only with room.
+KERAS_MEMMAP_PEAK_FACTOR = 3.3
+
+
+def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: one fit epoch, sampling RssAnon. Returns the numbers."""
+    from keras_bigarray._memory import PeakMemory
+
+    model = make_model(1)
+    n, B = spec["rows"], spec["batch_size"]
+    if spec["variant"] == "ours":
+        inputs: tuple[Any, ...] = (
+            _dataset(spec["x"], spec["y"], batch_size=B, shuffle=True, seed=SEED,
+                     rows=slice(0, n), workers=spec["workers"]),
+        )
+        kw: dict[str, Any] = {}
+    else:
+        xm = np.load(spec["x"], mmap_mode="r")[:n]
+        ym = np.load(spec["y"], mmap_mode="r")[:n]
+        inputs = (xm, ym)
+        kw = {"batch_size": B, "shuffle": True}
+    gc.collect()
+    t0 = time.perf_counter()
+    with PeakMemory() as mem:
+        model.fit(*inputs, epochs=1, verbose=0, **kw)
+    dt = time.perf_counter() - t0
+    return {
+        "baseline": mem.baseline,
+        "peak": mem.peak,
+        "growth": mem.growth,
+        "source": mem.source,
+        "seconds": dt,
+        "rows": n,
+    }
+
+
+def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    run_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py")
+    proc = subprocess.run(
+        [sys.executable, run_py, "--child-memory", json.dumps(spec)],
+        capture_output=True, text=True,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"child exited {proc.returncode}: " + " | ".join(tail))
+    return json.loads(lines[-1])
+
+
+def case_memory(cfg: Config) -> CaseResult:
+    from keras_bigarray._memory import available_memory, format_bytes
+
+    B = cfg.batch_size
+    sizes = sorted(cfg.memory_bytes)
+    rows_max = _data.rows_for(sizes[-1], B)
+    case = CaseResult(
+        "memory",
+        "Peak anonymous memory of model.fit",
+        "rows/s",
+        "Growth of RssAnon (anonymous resident memory: heap, numpy buffers, "
+        "tensors; not the page cache, not memmapped file pages), sampled every "
+        "20 ms during one fit epoch, over its value just before fit, in a fresh "
+        "process per measurement (TensorFlow imported and the model built "
+        f"before the baseline). Model of the fit case, batch {B}. The smaller "
+        "sizes are the first rows of one file.",
+    )
+    x_path = os.path.join(cfg.data_dir, f"memory_{rows_max}x{_data.FEATURES}_f32.npy")
+    why = _data.need_free_bytes(cfg.data_dir, rows_max * _data.ROW_NBYTES, "the memory case")
+    if why and not os.path.exists(x_path):
+        case.skipped = why
+        return case
+    pair = _data.npy_pair(cfg.data_dir, "memory", rows_max)
+    table: list[dict[str, Any]] = []
+    for r in range(cfg.memory_repeats):
+        for size in sizes:
+            n = _data.rows_for(size, B)
+            nbytes = n * _data.ROW_NBYTES
+            for variant in ("ours", "keras"):
+                label = "ours: fit(BigArrayDataset)" if variant == "ours" else "model.fit(memmap)"
+                row: dict[str, Any] = {"variant": label, "key": variant, "size": nbytes,
+                                       "round": r + 1}
+                need = KERAS_MEMMAP_PEAK_FACTOR * nbytes + (1 << 30)
+                avail = available_memory()
+                if variant == "keras" and avail is not None and need > avail:
+                    row["skipped"] = (
+                        f"needs about {format_bytes(need)} ({KERAS_MEMMAP_PEAK_FACTOR}x "
+                        f"the array + 1 GiB), {format_bytes(avail)} available"
+                    )
+                    log(f"  memory {format_bytes(nbytes)} | {label}: skipped, {row['skipped']}")
+                    table.append(row)
+                    continue
+                spec = {"variant": variant, "x": pair.x, "y": pair.y, "rows": n,
+                        "batch_size": B, "workers": cfg.workers}
+                try:
+                    got = _run_child(spec)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = str(e)
+                    log(f"  memory {format_bytes(nbytes)} | {label}: FAILED {e}")
+                    table.append(row)
+                    continue
+                row.update(got)
+                row["growth_per_array"] = got["growth"] / nbytes
+                log(
+                    f"  memory {format_bytes(nbytes)} | {label}: growth "
+                    f"{format_bytes(got['growth'])} ({got['growth'] / nbytes:.2f}x the "
+                    f"array), {n / got['seconds'] / 1e3:.0f}k rows/s incl. setup"
+                )
+                table.append(row)
+    case.table = table
+    return case
+
+
+# ---- GPU ----------------------------------------------------------------------------
+
+
+def case_gpu(cfg: Config) -> CaseResult:
+    import tensorflow as tf
+
+    case = CaseResult(
+        "gpu",
+        "GPU: device prefetch against data already on the device",
+        "rows/s",
+        "model.fit step time (second epoch) fed by to_tf_dataset(device='/gpu:0') "
+        "against the same model fed one batch that already lives on the GPU.",
+    )
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        case.skipped = "no GPU (tf.config.list_physical_devices('GPU') is empty)"
+        return case
+    B = cfg.batch_size
+    rows = _data.rows_for(cfg.pipeline_bytes, B)
+    pair = _data.npy_pair(cfg.data_dir, "pipeline", rows)
+    n = min(rows, max(B, cfg.fit_rows // B * B))
+    steps = n // B
+    rb = _data.ROW_NBYTES
+    xm = np.load(pair.x, mmap_mode="r")
+    ym = np.load(pair.y, mmap_mode="r")
+    with tf.device("/gpu:0"):
+        bx = tf.constant(np.array(xm[:B]))
+        by = tf.constant(np.array(ym[:B]))
+
+    def measure(make_input: Any, fit_kw: dict[str, Any]) -> Measurement:
+        model = make_model(1)
+        timer = _epoch_timer()
+        model.fit(make_input(), epochs=2, verbose=0, callbacks=[timer], **fit_kw)
+        return Measurement(timer.times[1], steps * B, steps * B * rb)
+
+    def on_device(_r: int) -> Measurement:
+        return measure(lambda: tf.data.Dataset.from_tensors((bx, by)).repeat(),
+                       {"steps_per_epoch": steps})
+
+    def prefetched(_r: int) -> Measurement:
+        return measure(
+            lambda: _dataset(pair.x, pair.y, batch_size=B, shuffle=True, seed=SEED,
+                             rows=slice(0, n), workers=cfg.workers)
+            .to_tf_dataset(device="/gpu:0"),
+            {},
+        )
+
+    variants = [
+        Variant("on_device", "data already on the GPU (limit)", False, on_device,
+                "one batch on /gpu:0, repeated", "DATA ON DEVICE"),
+        Variant("ours_device", "ours: to_tf_dataset(device='/gpu:0')", True, prefetched,
+                "prefetch_to_device", "OURS DEVICE PREFETCH"),
+    ]
+    case.description += f" {gpus[0].name}, {steps} steps an epoch, batch {B}."
+    return interleave(case, variants, cfg.fit_repeats)
+
+
+# ---- larger than RAM ---------------------------------------------------------------------
+
+
+def case_huge(cfg: Config) -> CaseResult:
+    from keras_bigarray._memory import format_bytes, page_cache_fraction, total_memory
+
+    case = CaseResult(
+        "huge",
+        "Larger than RAM: one epoch with block shuffle",
+        "MB/s",
+        "",
+    )
+    if not cfg.huge:
+        case.skipped = "not run (pass --huge: writes a .npy larger than this machine's RAM)"
+        return case
+    B = cfg.batch_size
+    ram = total_memory() or 0
+    size = cfg.huge_bytes or int(ram * cfg.huge_fraction_of_ram)
+    rows = _data.rows_for(size, B)
+    nbytes = rows * _data.ROW_NBYTES
+    x_path = os.path.join(cfg.data_dir, f"huge_{rows}x{_data.FEATURES}_f32.npy")
+    if not os.path.exists(x_path):
+        why = _data.need_free_bytes(cfg.data_dir, nbytes, "--huge")
+        if why:
+            case.skipped = why
+            return case
+    log(f"  huge: {format_bytes(nbytes)} against {format_bytes(ram)} of RAM")
+    pair = _data.npy_pair(cfg.data_dir, "huge", rows)
+    case.description = (
+        f"{format_bytes(nbytes)} float32 .npy ({rows:,} rows of 1 KiB) on a machine "
+        f"with {format_bytes(ram)} of RAM"
+        + ("" if nbytes > ram else " (NOT larger than RAM: --huge-size override)")
+        + f", batch {B}, {SHUFFLE_WINDOW_NOTE}. The file's pages are dropped from "
+        "the page cache (posix_fadvise DONTNEED) before each measurement. The "
+        "disk's rate is a plain sequential read of the file's first bytes with "
+        "8 MiB reads."
+    )
+    disk_bytes = min(nbytes, 8 << 30)
+    variants: list[Variant] = []
+
+    def disk(_r: int) -> Measurement:
+        rate, done = _data.sequential_read_rate(pair.x, disk_bytes)
+        return Measurement(done / rate, done // _data.ROW_NBYTES, done)
+
+    def pipeline(_r: int) -> Measurement:
+        _data.evict(pair.x)
+        ds = _dataset(pair.x, batch_size=B, shuffle="block", seed=SEED, workers=cfg.workers)
+        nb = len(ds)
+        limit = min(nb, disk_bytes // (B * _data.ROW_NBYTES))
+        t0 = time.perf_counter()
+        it = ds.iterate_epoch(epoch=0)
+        for _ in range(limit):
+            next(it)
+        dt = time.perf_counter() - t0
+        it.close()
+        del ds, it
+        gc.collect()
+        return Measurement(dt, limit * B, limit * B * _data.ROW_NBYTES)
+
+    def fit(_r: int) -> Measurement:
+        _data.evict(pair.x)
+        _data.evict(pair.y)
+        resident = page_cache_fraction(pair.x)
+        model = make_model(32)
+        ds = _dataset(pair.x, pair.y, batch_size=B, shuffle="block", seed=SEED,
+                      workers=cfg.workers)
+        t0 = time.perf_counter()
+        model.fit(ds, epochs=1, verbose=0)
+        dt = time.perf_counter() - t0
+        del ds, model
+        gc.collect()
+        return Measurement(dt, rows, nbytes, {"resident_before": resident or 0.0})
+
+    variants = [
+        Variant("disk", "disk sequential read (limit)", False, disk,
+                f"first {format_bytes(disk_bytes)}, cold", "DISK SEQUENTIAL READ"),
+        Variant("pipeline_block", f"ours block, iterate_epoch ({cfg.workers} threads)", True,
+                pipeline, f"first {format_bytes(disk_bytes)} of batches, cold, no training",
+                "OURS PIPELINE BLOCK"),
+        Variant("fit_block", "ours: model.fit(ds), block, one full epoch", True, fit,
+                "steps_per_execution=32, cold", "OURS FIT ONE EPOCH"),
+    ]
+    return interleave(case, variants, 1)
