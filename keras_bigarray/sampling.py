@@ -63,7 +63,11 @@ def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
 
 
 def _keys(*words: int) -> np.ndarray:
-    return np.random.SeedSequence([int(w) for w in words]).generate_state(
+    # Each word as two 32-bit halves, so the entropy has one spelling: a plain
+    # list lets SeedSequence split a big seed into two words and pad short
+    # lists with zeros, making (seed=2**32 + s, epoch=0) the key of (s, 1).
+    halves = [h for w in words for h in (int(w) & 0xFFFFFFFF, int(w) >> 32)]
+    return np.random.SeedSequence(halves).generate_state(
         FEISTEL_ROUNDS, dtype=np.uint64
     )
 
@@ -99,6 +103,9 @@ class Permutation:
 
     def _apply(self, x: np.ndarray, inverse: bool) -> np.ndarray:
         y = np.asarray(x, dtype=np.int64)
+        if y.size and (int(y.min()) < 0 or int(y.max()) >= self.n):
+            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            raise IndexError(f"{bad} is outside the permutation's domain [0, {self.n})")
         if self.n == 1:
             return np.zeros_like(y)
         flat = y.reshape(-1).astype(np.uint64)
@@ -183,6 +190,27 @@ class Sampler:
     layout: ShardLayout = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.mode not in SHUFFLE_MODES:
+            raise ValueError(
+                f"mode must be one of {SHUFFLE_MODES}, received mode={self.mode!r}"
+            )
+        for name, low in (
+            ("num_rows", 0),
+            ("batch_size", 1),
+            ("num_shards", 1),
+            ("block_rows", 1),
+            ("window_blocks", 1),
+        ):
+            value = getattr(self, name)
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, received {name}={value}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(
+                f"shard_index must be in [0, {self.num_shards}) for num_shards="
+                f"{self.num_shards}, received shard_index={self.shard_index}"
+            )
+        if not 0 <= self.seed < 1 << 64:
+            raise ValueError(f"seed must be in [0, 2**64), received seed={self.seed}")
         self.layout = plan_shards(
             self.num_rows,
             self.batch_size,
