@@ -387,8 +387,43 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
 # ---- demo --------------------------------------------------------------------------
 
 
+def _import_keras_quietly() -> None:
+    """Imports Keras (and its backend) with the C++ side's stderr silenced.
+
+    TensorFlow's C++ logging prints INFO lines at import (oneDNN notices)
+    before it reads TF_CPP_MIN_LOG_LEVEL; they would clutter the demo's one
+    screen. Python errors still surface, raised after stderr is restored.
+    Set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
+    """
+    quiet = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("", "0")
+    saved = devnull = -1
+    if quiet:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+        except OSError:  # no real fd 2 (embedded): import as is
+            saved = -1
+    try:
+        import keras  # noqa: F401
+    except ImportError as e:
+        raise CliError(
+            f"the demo needs Keras with a backend ({e}); install one, e.g. "
+            "pip install 'keras-bigarray[tf-cpu]'"
+        ) from e
+    finally:
+        if saved >= 0:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if devnull >= 0:
+            os.close(devnull)
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from keras_bigarray import demo
+
+    _import_keras_quietly()
 
     demo.run_demo(
         args.dir,

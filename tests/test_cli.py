@@ -3,7 +3,9 @@ behind the demo's numbers."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -414,3 +416,25 @@ def test_inspect_npy_of_unknown_version(
     (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
     rc, _, err = run(capsys, "inspect", str(tmp_path / "bad.npy"))
     assert rc == 2 and "bad.npy" in err and "Traceback" not in err
+
+
+def test_console_script_demo_is_quiet(tmp_path: Path) -> None:
+    # The installed command, as a user runs it: exit 0, the summary on stdout,
+    # nothing on stderr (TensorFlow's import-time C++ INFO lines silenced).
+    script = Path(sys.executable).parent / "keras-bigarray"
+    cmd = (
+        [str(script)]
+        if script.exists()
+        else [sys.executable, "-m", "keras_bigarray.cli"]
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run(
+        [*cmd, "demo", "--size", "1MB", "--epochs", "1", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "keras-bigarray demo: summary" in proc.stdout
+    assert proc.stderr == ""
