@@ -439,6 +439,16 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+# ---- bench -------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
+    from keras_bigarray import bench
+
+    _import_keras_quietly()
+    return bench.main_bench(args, out)
+
+
 # ---- the parser --------------------------------------------------------------------
 
 
@@ -546,6 +556,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--offset", type=int, default=0, help="header bytes to skip in a raw file"
     )
     i.set_defaults(func=cmd_inspect)
+
+    from keras_bigarray import bench
+
+    b = sub.add_parser(
+        "bench",
+        help="time reading your array under each shuffle mode",
+        description=(
+            "Reads batches of an array on disk under each shuffle mode "
+            "(sequential, global, block) as training would, with a progress bar "
+            "on stderr, and prints rows/s, MB/s and each mode against sequential."
+        ),
+    )
+    bench.add_arguments(b)
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
