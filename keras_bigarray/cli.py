@@ -269,7 +269,7 @@ def _describe(arr: Any, out: TextIO, label: str) -> tuple[str, int]:
         ),
         ("block rows", f"{block:,} ({format_bytes(block * arr.row_nbytes)} per block)"),
     ]
-    chunks = getattr(arr, "chunks", None) if hasattr(arr, "chunks") else None
+    chunks = getattr(arr, "chunks", None)
     parts = getattr(arr, "parts", None)
     if parts is not None:
         lens = [len(p) for p in parts]
