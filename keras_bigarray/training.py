@@ -622,8 +622,11 @@ class StreamingBatches(_keras_adapter.DataAdapter):
     def partial_batch_size(self) -> int | None:
         return self._source.partial_batch_size
 
+    # Each iteration of the tf.data pipeline claims the dataset's next epoch, so
+    # fit's epochs are the dataset's epochs 0, 1, ... (Keras also calls
+    # on_epoch_end once before the first epoch, which would skip epoch 0).
     def on_epoch_begin(self) -> None:
-        self._source.on_epoch_begin()
+        pass
 
     def on_epoch_end(self) -> None:
-        self._source.on_epoch_end()
+        pass

@@ -356,3 +356,17 @@ def test_mirrored_strategy_two_replicas_equals_single_device() -> None:
     for key, r in out.items():
         assert r["rows"] == N, key
         assert r["weights"] < 1e-6 and r["pred"] < 1e-5 and r["logs"] < 1e-5, (key, r)
+
+
+def test_shuffled_fit_trains_dataset_epochs_in_order() -> None:
+    # fit's epoch k is the dataset's epoch k: the same batches as ds.sampler says.
+    x, y, w = make_data()
+    data = kb.BigArrayDataset(x, y, w, batch_size=BATCH, shuffle=True, seed=11, pad_remainder=True)
+    model = compile_(mlp(StreamingModel))
+    model.fit(data, epochs=2, verbose=0)
+    ref = compile_(mlp())
+    for epoch in range(2):
+        for i in range(len(data)):
+            rows = data.sampler.batch(epoch, i)[0]
+            ref.train_on_batch(x[rows], y[rows], sample_weight=w[rows])
+    assert_weights_close(ref, model)
