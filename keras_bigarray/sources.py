@@ -305,7 +305,15 @@ def _read_npy_header(path: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
             elif version == (2, 0):
                 shape, fortran, dtype = fmt.read_array_header_2_0(f)
             else:
-                shape, fortran, dtype = fmt._read_array_header(f, version)
+                # 3.0 (utf-8 field names) has no public reader; numpy 2 moved
+                # the private one to numpy.lib._format_impl.
+                impl = getattr(np.lib, "_format_impl", fmt)
+                read = getattr(impl, "_read_array_header", None)
+                if version != (3, 0) or read is None:
+                    raise ValueError(
+                        f"unsupported .npy format version {version[0]}.{version[1]}"
+                    )
+                shape, fortran, dtype = read(f, version)
             offset = f.tell()
     except FileNotFoundError:
         raise

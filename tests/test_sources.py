@@ -457,3 +457,29 @@ def test_unsupported_sources_and_arguments(tmp_path: Path):
     np.save(path, indexed_rows(3))
     with pytest.raises(ValueError, match="not an HDF5 file"):
         kb.open_array(path, key="x")
+
+
+def _npy_bytes(data: np.ndarray, version: tuple[int, int]) -> bytes:
+    """A .npy file written by hand, for header versions numpy does not pick."""
+    header = repr({"descr": np.lib.format.dtype_to_descr(data.dtype),
+                   "fortran_order": False, "shape": data.shape}).encode()
+    size = 4 if version[0] >= 2 else 2
+    pad = -(8 + size + len(header) + 1) % 64
+    header += b" " * pad + b"\n"
+    return (b"\x93NUMPY" + bytes(version) + len(header).to_bytes(size, "little")
+            + header + data.tobytes())
+
+
+def test_npy_header_versions(tmp_path: Path):
+    data = indexed_rows(N, (3,))
+    for version in [(1, 0), (2, 0), (3, 0)]:
+        path = tmp_path / f"v{version[0]}.npy"
+        path.write_bytes(_npy_bytes(data, version))
+        assert_same(np.load(path), data)  # the hand-written file is valid
+        x = kb.open_array(path)
+        assert_same(x[:], data)
+        assert_same(x[[5, 0, 5]], data[[5, 0, 5]])
+    bad = tmp_path / "v9.npy"
+    bad.write_bytes(_npy_bytes(data, (9, 0)))
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ".*version 9.0"):
+        kb.open_array(bad)
