@@ -26,6 +26,14 @@ CASES = {
         ["--rows", "3000", "--epochs", "1"],
         ["opened 12 shards", "predict: 3000 rows"],
     ),
+    "custom_train_step.py": (
+        ["--rows", "3000", "--epochs", "1"],
+        ["normalization:", "evaluate:", "predict: 300 rows"],
+    ),
+    "multi_worker.py": (
+        ["--rows", "3000", "--epochs", "2"],
+        ["worker 1: 24 steps", "rows trained per epoch, summed over workers: [3000, 3000]"],
+    ),
 }
 
 
