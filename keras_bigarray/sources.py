@@ -646,8 +646,16 @@ def _open_path(
     path: str, key: str | None, dtype: Any, shape: Any, offset: int
 ) -> BigArray:
     if not os.path.exists(path) and _glob.has_magic(path):
-        return ShardedArray([open_array(p) for p in _glob_paths(path)])
+        # key=, dtype=, shape= and offset= apply to every match, not to none.
+        return ShardedArray(
+            [_open_path(p, key, dtype, shape, offset) for p in _glob_paths(path)]
+        )
     if os.path.isdir(path):
+        if key is not None or dtype is not None or shape is not None or offset:
+            raise ValueError(
+                f"'{path}' is a folder, read as its .npy shards; key=, dtype=, "
+                "shape= and offset= apply to a file or a glob pattern."
+            )
         paths = _glob_paths(os.path.join(_glob.escape(path), "*.npy"))
         return ShardedArray([NpyArray(p) for p in paths])
     if not os.path.exists(path):

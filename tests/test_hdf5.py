@@ -149,9 +149,12 @@ def test_never_written_datasets_give_the_fill_value(tmp_path: Path):
                                  maxshape=(None, 4))
         grown.resize((N, 4))
         grown[20:] = indexed_rows(N, (4,))[20:]
+        shrunk = f.create_dataset("shrunk", data=indexed_rows(80, (4,)), chunks=(7, 4),
+                                  maxshape=(None, 4))
+        shrunk.resize((N, 4))  # chunks past the end are gone, or must be ignored
     idx = np.array([0, 49, 12, 12, 33, 9])
     with h5py.File(path, "r") as f:
-        for name in ["contiguous", "chunked", "default", "partial", "grown"]:
+        for name in ["contiguous", "chunked", "default", "partial", "grown", "shrunk"]:
             x = kb.open_array(path, key=name)
             ref = f[name][()]
             assert_same(x[:], ref)
@@ -160,6 +163,7 @@ def test_never_written_datasets_give_the_fill_value(tmp_path: Path):
     assert not kb.open_array(path, key="contiguous").direct
     assert not kb.open_array(path, key="partial").direct
     assert kb.open_array(path, key="grown").direct
+    assert kb.open_array(path, key="shrunk").direct
     assert (kb.open_array(path, key="contiguous")[:] == 3.5).all()
     assert (kb.open_array(path, key="default")[:] == 0).all()
 
@@ -179,7 +183,21 @@ def test_direct_reads_honour_a_user_block(tmp_path: Path):
         assert_same(x[[40, 2, 2, 9]], data[[40, 2, 2, 9]])
 
 
-# ---- keys ---------------------------------------------------------------------------
+def test_virtual_dataset_reads_through_h5py(tmp_path: Path):
+    data = indexed_rows(N, ROW)
+    write(tmp_path / "src.h5", a=(data[:30], {}), b=(data[30:], {"chunks": (7, 4)}))
+    layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
+    layout[:30] = h5py.VirtualSource(str(tmp_path / "src.h5"), "a", shape=(30, 4))
+    layout[30:] = h5py.VirtualSource(str(tmp_path / "src.h5"), "b", shape=(20, 4))
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f.create_virtual_dataset("v", layout)
+    x = kb.open_array(tmp_path / "v.h5", key="v")
+    assert not x.direct
+    assert_same(x[:], data)
+    assert_same(x[[49, 0, 29, 30, 30]], data[[49, 0, 29, 30, 30]])
+
+
+# ---- keys ----------------------------------------------------------------------------
 
 
 def test_key_none_with_one_dataset(tmp_path: Path):
@@ -235,7 +253,7 @@ def test_bad_hdf5_inputs(tmp_path: Path):
         kb.open_array(npy, key="x")
 
 
-# ---- open datasets, pickling, processes -----------------------------------------
+# ---- open datasets, pickling, processes ----------------------------------------------
 
 
 def test_open_h5py_dataset(tmp_path: Path):

@@ -44,7 +44,7 @@ def order(n: int, epoch_: int = 0, **kw: Any) -> np.ndarray:
     return Sampler(n, 1, **kw).positions(epoch_, 0, n)
 
 
-# ---- Permutation --------------------------------------------------------------------
+# ---- Permutation ---------------------------------------------------------------------
 
 
 @HYPO
@@ -95,7 +95,7 @@ def test_permutation_rejects_bad_domains():
     np.testing.assert_array_equal(Permutation(1, keys)(np.zeros(3, int)), [0, 0, 0])
 
 
-# ---- Sampler: the epoch contract ------------------------------------------------------
+# ---- Sampler: the epoch contract -----------------------------------------------------
 
 
 @settings(max_examples=120, deadline=None)
@@ -202,7 +202,7 @@ def test_positions_across_cache_chunks():
         np.testing.assert_array_equal(fresh.positions(5, 69_990, n), full[69_990:])
 
 
-# ---- block mode -----------------------------------------------------------------------
+# ---- block mode ----------------------------------------------------------------------
 
 
 @HYPO
@@ -239,7 +239,7 @@ def test_block_order_is_shuffled():
         assert not np.array_equal(rows[: 4 * br], np.sort(rows[: 4 * br]))
 
 
-# ---- global mode uniformity, golden values ----------------------------------------------
+# ---- global mode uniformity, golden values -------------------------------------------
 
 
 def test_global_mode_is_roughly_uniform():
@@ -270,7 +270,7 @@ GOLDEN_BLOCK = [139, 142, 369, 379, 383, 386, 390, 398]
 GOLDEN_PERMUTATION = [967, 795, 623, 490, 980, 758, 192, 507]
 
 
-# ---- plan_shards: the tail of an epoch -------------------------------------------------
+# ---- plan_shards: the tail of an epoch -----------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -328,7 +328,7 @@ def test_rows_left_out_warns():
     Sampler(10, 2, num_shards=4, drop_remainder=True).warn_if_rows_left_out()
 
 
-# ---- arguments ---------------------------------------------------------------------------
+# ---- arguments -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

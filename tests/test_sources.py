@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import operator
-import os
 import pickle
 import re
 import warnings
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SOURCE_KINDS, indexed_rows, make_source, open_kind, row_ids
+from conftest import indexed_rows, make_source, open_kind, row_ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,7 +80,7 @@ def rests(ndim: int) -> st.SearchStrategy[tuple[Any, ...]]:
     )
 
 
-# ---- the array surface, every kind ------------------------------------------------
+# ---- the array surface, every kind ---------------------------------------------------
 
 
 @pytest.mark.parametrize("row_shape", [(3,), (4, 3), ()], ids=["2d", "3d", "1d"])
@@ -201,7 +200,7 @@ def test_spawned_process_reads_pickled_sources(tmp_path: Path):
         assert np.array_equal(g, data[idx]), kind
 
 
-# ---- layouts -----------------------------------------------------------------------
+# ---- layouts -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["npy", "raw", "h5_contiguous", "shards", "ndarray",
@@ -305,7 +304,7 @@ def test_open_array_passes_bigarray_through(tmp_path: Path):
         kb.open_array(x, key="k")
 
 
-# ---- errors ------------------------------------------------------------------------
+# ---- errors --------------------------------------------------------------------------
 
 
 def test_missing_file(tmp_path: Path):
@@ -483,3 +482,28 @@ def test_npy_header_versions(tmp_path: Path):
     bad.write_bytes(_npy_bytes(data, (9, 0)))
     with pytest.raises(ValueError, match=re.escape(str(bad)) + ".*version 9.0"):
         kb.open_array(bad)
+
+
+def test_glob_passes_key_and_raw_layout_to_every_shard(tmp_path: Path):
+    import h5py
+
+    data = indexed_rows(N, (3,), "uint8")
+    cuts = [0, 10, 10, 25, N]
+    for i in range(len(cuts) - 1):
+        part = data[cuts[i] : cuts[i + 1]]
+        with h5py.File(tmp_path / f"h-{i}.h5", "w") as f:
+            f["x"] = part
+            f["y"] = part.astype("float32") + 1000  # the key decides, not the order
+        part.tofile(tmp_path / f"r-{i}.raw")
+        np.save(tmp_path / f"n-{i}.npy", part)
+    x = kb.open_array(str(tmp_path / "h-*.h5"), key="x")
+    assert_same(x[:], data)
+    assert_same(x[[30, 2, 11]], data[[30, 2, 11]])
+    raw = kb.open_array(str(tmp_path / "r-*.raw"), dtype="uint8", shape=(-1, 3))
+    assert_same(raw[:], data)
+    with pytest.raises(KeyError, match="2 datasets"):
+        kb.open_array(str(tmp_path / "h-*.h5"))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ".*folder"):
+        kb.open_array(tmp_path, key="x")
+    with pytest.raises(ValueError, match="apply to a path; received a list"):
+        kb.open_array([str(tmp_path / "h-0.h5")], key="x")
