@@ -289,6 +289,7 @@ class Sampler:
             lo = c * _CHUNK
             hi = min(self.num_rows, lo + _CHUNK)
             rows = self._order(epoch, np.arange(lo, hi, dtype=np.int64))
+            rows.flags.writeable = False  # positions() hands out views of it
             with self._lock:
                 if len(self._cache) >= _CACHE_ENTRIES:
                     self._cache.pop(next(iter(self._cache)))

@@ -364,3 +364,14 @@ def test_normalize_shuffle_and_draw_seed():
             normalize_shuffle(bad)
     seeds = {draw_seed() for _ in range(8)}
     assert len(seeds) == 8 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_cached_positions_cannot_be_corrupted():
+    s = Sampler(100, 10, mode="global", seed=5)
+    before = s.positions(0, 0, 100).copy()
+    with pytest.raises(ValueError, match="read-only"):
+        s.positions(0, 10, 20)[:] = -1
+    rows, _ = s.batch(0, 1)
+    rows[:] = -1  # a batch is the caller's own array
+    np.testing.assert_array_equal(s.positions(0, 0, 100), before)
+    np.testing.assert_array_equal(s.batch(0, 1)[0], np.sort(before[10:20]))
