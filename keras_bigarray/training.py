@@ -27,7 +27,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from keras.src.models import model as _keras_model
 from keras.src.models.functional import Functional
 
-__all__ = ["FunctionalStreamingModel", "StreamingModel"]
+__all__ = ["FunctionalStreamingModel", "StreamingBatches", "StreamingModel"]
 
 # Keys of what `predict_step` returns for padded batches; `predict` drops the
 # rows whose mask is 0 and returns the outputs alone.
@@ -181,10 +181,10 @@ class StreamingModel(keras.Model):
         """`(x, y, sample_weight, mask)` of a batch.
 
         Batches of a padded `BigArrayDataset` arrive as `(x, y, sample_weight,
-        mask)`, where `mask` is 1.0 for real rows and 0.0 for padding (and
-        `sample_weight` already 0 on padding); any other batch is unpacked by
-        `keras.utils.unpack_x_y_sample_weight` and has `mask=None` (all rows
-        real).
+        mask)`, where `mask` is 1.0 for real rows and 0.0 for padding, and
+        `sample_weight` is the user's weights (0 on padding) or None; any other
+        batch is unpacked by `keras.utils.unpack_x_y_sample_weight` and has
+        `mask=None` (all rows real).
         """
         if isinstance(data, tuple) and len(data) == 4:
             return data  # type: ignore[return-value]
@@ -550,11 +550,14 @@ class StreamingBatches(_keras_adapter.DataAdapter):
         batches = src.to_tf_dataset()
         if not src.pad_remainder:
             return batches
+        user_weights = src.sample_weight is not None
 
         def attach(batch: Any, mask: Any) -> Any:
             if len(batch) == 1:  # predict: x only
                 return (batch[0], None, None, mask)
-            return (*batch, mask)
+            # Without user weights the dataset's weights are the mask itself:
+            # drop them, so the mask is shaped for each output's loss.
+            return (batch[0], batch[1], batch[2] if user_weights else None, mask)
 
         return tf.data.Dataset.zip((batches, self._masks(src))).map(attach)
 

@@ -370,3 +370,24 @@ def test_shuffled_fit_trains_dataset_epochs_in_order() -> None:
             rows = data.sampler.batch(epoch, i)[0]
             ref.train_on_batch(x[rows], y[rows], sample_weight=w[rows])
     assert_weights_close(ref, model)
+
+
+def test_sequence_outputs_get_row_weights_of_the_loss_rank() -> None:
+    # Per-timestep losses (b, t): the row mask must broadcast as (b, 1).
+    x, _, _ = make_data()
+    y = np.random.RandomState(4).rand(N, 4, 2).astype("float32")
+
+    def build(cls: Any) -> Any:
+        keras.utils.set_random_seed(5)
+        inputs = keras.Input((3,))
+        out = keras.layers.Reshape((4, 2))(keras.layers.Dense(8)(inputs))
+        model = cls(inputs, out)
+        model.compile(keras.optimizers.SGD(0.1), "mse", metrics=["mae"])
+        return model
+
+    ref = build(keras.Model)
+    h_ref = ref.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    model = build(StreamingModel)
+    h = model.fit(ds(x, y), epochs=2, verbose=0)
+    assert_weights_close(ref, model)
+    assert_history_close(h_ref, h)
