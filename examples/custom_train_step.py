@@ -35,13 +35,17 @@ def write_images(folder: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
     its right half. Returns the paths of images (rows, SIDE, SIDE, 1) and labels."""
     rng = np.random.default_rng(seed)
     x_path, y_path = folder / "images.npy", folder / "labels.npy"
-    x = np.lib.format.open_memmap(x_path, mode="w+", dtype=np.uint8, shape=(rows, SIDE, SIDE, 1))
+    x = np.lib.format.open_memmap(
+        x_path, mode="w+", dtype=np.uint8, shape=(rows, SIDE, SIDE, 1)
+    )
     y = np.lib.format.open_memmap(y_path, mode="w+", dtype=np.uint8, shape=(rows, 1))
     for start in range(0, rows, WRITE_ROWS):
         n = min(WRITE_ROWS, rows - start)
         labels = rng.integers(0, 2, n)
         img = rng.integers(0, 96, (n, SIDE, SIDE, 1))
-        col = np.where(labels == 1, rng.integers(0, SIDE // 2, n), rng.integers(SIDE // 2, SIDE, n))
+        col = np.where(
+            labels == 1, rng.integers(0, SIDE // 2, n), rng.integers(SIDE // 2, SIDE, n)
+        )
         img[np.arange(n), :, col, 0] += 150
         x[start : start + n] = img.astype(np.uint8)
         y[start : start + n, 0] = labels
@@ -78,7 +82,7 @@ class FlipCNN(kb.StreamingModel):
             loss = self.batch_loss(x, y, y_pred, sample_weight, mask)
             scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+        self.optimizer.apply_gradients(zip(grads, self.trainable_weights, strict=True))
         return self.compute_metrics(x, y, y_pred, sample_weight, mask=mask)
 
 
@@ -92,20 +96,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         x_path, y_path = write_images(Path(tmp), args.rows)
         images, labels = kb.open_array(x_path), kb.open_array(y_path)
-        print(f"wrote {images.shape[0]} images {images.shape[1:]} {images.dtype}: "
-              f"{images.nbytes / 2**20:.1f} MiB")
+        print(
+            f"wrote {images.shape[0]} images {images.shape[1:]} {images.dtype}: "
+            f"{images.nbytes / 2**20:.1f} MiB"
+        )
 
         # Statistics out of core: Normalization.adapt reads the streamed
         # batches one at a time, cast to float32 inside tf.data.
         norm = keras.layers.Normalization(axis=None)
         stream = kb.BigArrayDataset(images, batch_size=1024, shuffle=False)
         norm.adapt(stream.to_tf_dataset().map(lambda b: tf.cast(b[0], "float32")))
-        mean, var = float(norm.mean.numpy().squeeze()), float(norm.variance.numpy().squeeze())
-        print(f"normalization: mean {mean:.2f}, std {var ** 0.5:.2f}, "
-              f"from {len(stream)} streamed batches")
+        mean, var = (
+            float(norm.mean.numpy().squeeze()),
+            float(norm.variance.numpy().squeeze()),
+        )
+        print(
+            f"normalization: mean {mean:.2f}, std {var**0.5:.2f}, "
+            f"from {len(stream)} streamed batches"
+        )
 
         ds = kb.BigArrayDataset(
-            images, labels, batch_size=args.batch_size, shuffle="block", seed=0,
+            images,
+            labels,
+            batch_size=args.batch_size,
+            shuffle="block",
+            seed=0,
             pad_remainder=True,
         )
         train, val = ds.validation_split(0.1)

@@ -31,7 +31,9 @@ import numpy as np  # noqa: E402
 WORKERS = 2
 
 
-def worker(index: int, ports: list[str], folder: Path, args: argparse.Namespace) -> None:
+def worker(
+    index: int, ports: list[str], folder: Path, args: argparse.Namespace
+) -> None:
     """One worker: train on shard `index` and print a JSON summary line."""
     os.environ["TF_CONFIG"] = json.dumps(
         {
@@ -64,9 +66,14 @@ def worker(index: int, ports: list[str], folder: Path, args: argparse.Namespace)
     # Create the strategy first: it starts the collective ops of this worker.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     ds = kb.BigArrayDataset(
-        folder / "x.npy", folder / "y.npy", batch_size=args.batch_size,
-        shuffle=True, seed=0, pad_remainder=True,
-        num_shards=WORKERS, shard_index=index,
+        folder / "x.npy",
+        folder / "y.npy",
+        batch_size=args.batch_size,
+        shuffle=True,
+        seed=0,
+        pad_remainder=True,
+        num_shards=WORKERS,
+        shard_index=index,
     )
     with strategy.scope():
         inputs = keras.Input((ds.x.shape[1],))
@@ -74,15 +81,22 @@ def worker(index: int, ports: list[str], folder: Path, args: argparse.Namespace)
         model = kb.StreamingModel(inputs, keras.layers.Dense(1)(hidden))
         model.compile(keras.optimizers.Adam(1e-2), "mse", metrics=[RowsSeen()])
     steps: list[int] = []
-    count = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: steps.append(b))
+    count = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda b, logs: steps.append(b)
+    )
     hist = model.fit(ds, epochs=args.epochs, verbose=0, callbacks=[count])
-    print(json.dumps({
-        "worker": index,
-        "len": len(ds),
-        "steps": len(steps),
-        "rows": hist.history["rows"],
-        "loss": hist.history["loss"],
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "worker": index,
+                "len": len(ds),
+                "steps": len(steps),
+                "rows": hist.history["rows"],
+                "loss": hist.history["loss"],
+            }
+        ),
+        flush=True,
+    )
 
 
 def free_ports(n: int) -> list[str]:
@@ -99,7 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128, help="rows per worker and step")
+    parser.add_argument(
+        "--batch-size", type=int, default=128, help="rows per worker and step"
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ports", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -115,12 +131,25 @@ def main() -> None:
         np.save(Path(tmp) / "y.npy", (x @ np.arange(8, dtype=np.float32))[:, None])
         ports = free_ports(WORKERS)
         env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-        cmd = [sys.executable, __file__, "--rows", str(args.rows), "--epochs",
-               str(args.epochs), "--batch-size", str(args.batch_size),
-               "--ports", ",".join(ports), "--folder", tmp]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--rows",
+            str(args.rows),
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--ports",
+            ",".join(ports),
+            "--folder",
+            tmp,
+        ]
         print(f"starting {WORKERS} workers on 127.0.0.1:{','.join(ports)}", flush=True)
         procs = [
-            subprocess.Popen(cmd + ["--worker", str(k)], stdout=subprocess.PIPE, text=True, env=env)
+            subprocess.Popen(
+                cmd + ["--worker", str(k)], stdout=subprocess.PIPE, text=True, env=env
+            )
             for k in range(WORKERS)
         ]
         outs = [p.communicate()[0] for p in procs]
@@ -128,8 +157,11 @@ def main() -> None:
             sys.exit(f"a worker failed: exit codes {[p.returncode for p in procs]}")
         for out in outs:
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"worker {r['worker']}: {r['steps']} steps in {args.epochs} epochs "
-                  f"(len(dataset) = {r['len']}), loss {r['loss'][0]:.3f} -> {r['loss'][-1]:.3f}")
+            print(
+                f"worker {r['worker']}: {r['steps']} steps in {args.epochs} epochs "
+                f"(len(dataset) = {r['len']}), "
+                f"loss {r['loss'][0]:.3f} -> {r['loss'][-1]:.3f}"
+            )
         rows = [int(v) for v in r["rows"]]
         print(f"rows trained per epoch, summed over workers: {rows} of {args.rows}")
 

@@ -29,10 +29,10 @@ from keras.src.models.functional import Functional
 
 __all__ = ["FunctionalStreamingModel", "StreamingBatches", "StreamingModel"]
 
-# Keys of what `predict_step` returns for padded batches; `predict` drops the
-# rows whose mask is 0 and returns the outputs alone.
-_OUTPUTS = "bigarray_outputs"
+# The key of the row mask in padded batches, and of the outputs beside it in
+# what `predict_step` returns for them (`predict` drops the rows whose mask is 0).
 _MASK = "bigarray_mask"
+_OUTPUTS = "bigarray_outputs"
 
 
 def _require_tensorflow() -> None:
@@ -159,7 +159,9 @@ class StreamingModel(keras.Model):
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         _require_tensorflow()
         target = cls
-        if cls is StreamingModel and _keras_model.functional_init_arguments(args, kwargs):
+        if cls is StreamingModel and _keras_model.functional_init_arguments(
+            args, kwargs
+        ):
             target = FunctionalStreamingModel
         return keras.Model.__new__(target, *args, **kwargs)
 
@@ -180,14 +182,14 @@ class StreamingModel(keras.Model):
     def unpack_batch(data: Any) -> tuple[Any, Any, Any, Any]:
         """`(x, y, sample_weight, mask)` of a batch.
 
-        Batches of a padded `BigArrayDataset` arrive as `(x, y, sample_weight,
-        mask)`, where `mask` is 1.0 for real rows and 0.0 for padding, and
-        `sample_weight` is the user's weights (0 on padding) or None; any other
-        batch is unpacked by `keras.utils.unpack_x_y_sample_weight` and has
-        `mask=None` (all rows real).
+        Batches of a padded `BigArrayDataset` arrive as a dict with the keys
+        `"x"`, `"y"`, `"sample_weight"` (the user's weights, 0 on padding; absent
+        without) and `"bigarray_mask"` (1.0 for real rows, 0.0 for padding).
+        Any other batch is unpacked by `keras.utils.unpack_x_y_sample_weight`
+        and has `mask=None` (all rows real).
         """
-        if isinstance(data, tuple) and len(data) == 4:
-            return data  # type: ignore[return-value]
+        if isinstance(data, dict) and _MASK in data:
+            return data["x"], data.get("y"), data.get("sample_weight"), data[_MASK]
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         return x, y, sample_weight, None
 
@@ -205,7 +207,10 @@ class StreamingModel(keras.Model):
         dtype = self.compute_dtype
 
         def cast(t: Any) -> Any:
-            if t is None or keras.backend.standardize_dtype(t.dtype) not in self.decode_dtypes:
+            if (
+                t is None
+                or keras.backend.standardize_dtype(t.dtype) not in self.decode_dtypes
+            ):
                 return t
             return keras.ops.cast(t, dtype)
 
@@ -240,8 +245,10 @@ class StreamingModel(keras.Model):
         """
         strategy = self.distribute_strategy
         replicas = strategy.num_replicas_in_sync
-        first = mask if mask is not None else next(
-            t for t in keras.tree.flatten(x) if t is not None
+        first = (
+            mask
+            if mask is not None
+            else next(t for t in keras.tree.flatten(x) if t is not None)
         )
         rows = _num_rows(first)
         real = tf.reduce_sum(mask) if mask is not None else tf.cast(rows, tf.float32)
@@ -257,12 +264,8 @@ class StreamingModel(keras.Model):
             # Keras divides each replica's weighted sum by its own row count
             # and by the replica count; these weights turn that into the sum
             # over the replica's real rows divided by the global real rows.
-            scale = (
-                tf.cast(rows, tf.float32) * replicas / tf.maximum(real_global, 1.0)
-            )
-            per_row = (
-                mask * scale if mask is not None else tf.fill([rows], scale)
-            )
+            scale = tf.cast(rows, tf.float32) * replicas / tf.maximum(real_global, 1.0)
+            per_row = mask * scale if mask is not None else tf.fill([rows], scale)
             weights = _rows_for_outputs(per_row, sample_weight, y_pred)
         loss = self._compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=weights, training=training
@@ -305,7 +308,9 @@ class StreamingModel(keras.Model):
         if mask is None:
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if "mask" in inspect.signature(self.compute_metrics).parameters:
-            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight, mask=mask)
+            return self.compute_metrics(
+                x, y, y_pred, sample_weight=sample_weight, mask=mask
+            )
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def train_step(self, data: Any) -> dict[str, Any]:
@@ -318,9 +323,13 @@ class StreamingModel(keras.Model):
                 loss = self.optimizer.scale_loss(loss)
         if self.trainable_weights:
             grads = tape.gradient(loss, self.trainable_weights)
-            self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+            self.optimizer.apply_gradients(
+                zip(grads, self.trainable_weights, strict=True)
+            )
         else:
-            warnings.warn("The model does not have any trainable weights.", stacklevel=2)
+            warnings.warn(
+                "The model does not have any trainable weights.", stacklevel=2
+            )
         return self._metrics_with_mask(x, y, y_pred, sample_weight, mask)
 
     def test_step(self, data: Any) -> dict[str, Any]:
@@ -384,7 +393,9 @@ class StreamingModel(keras.Model):
 
         return synchronized_step
 
-    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+    def _maybe_symbolic_build(
+        self, iterator: Any = None, data_batch: Any = None
+    ) -> None:
         # Keras builds from a first batch reduced over replicas with
         # `strategy.reduce`, which fails under MultiWorkerMirroredStrategy and
         # reads (and loses) a batch of ours; without a strategy it builds while
@@ -402,9 +413,11 @@ class StreamingModel(keras.Model):
         if iterator is not None:
             for _, _, it in iterator:
                 data_batch = keras.tree.map_structure(
-                    lambda v: strategy.experimental_local_results(v)[0]
-                    if isinstance(v, tf.distribute.DistributedValues)
-                    else v,
+                    lambda v: (
+                        strategy.experimental_local_results(v)[0]
+                        if isinstance(v, tf.distribute.DistributedValues)
+                        else v
+                    ),
                     next(it),
                 )
                 break
@@ -418,7 +431,7 @@ class StreamingModel(keras.Model):
         with strategy.scope():
             self._symbolic_build(data_batch=data_batch)
 
-    # ---- fit / evaluate / predict take a BigArrayDataset with its mask ----------------
+    # ---- fit / evaluate / predict take a BigArrayDataset with its mask -------------
     def _adapt(self, data: Any, class_weight: Any = None) -> Any:
         if isinstance(data, BigArrayDataset):
             if class_weight is not None:
@@ -487,27 +500,30 @@ def _symbolic(v: Any) -> Any:
 def _update_masked(cm: Any, y: Any, y_pred: Any, sample_weight: Any, mask: Any) -> None:
     """`CompileMetrics.update_state` with the row mask as the weight of the
     unweighted metrics (which Keras calls without weights)."""
-    if not all(hasattr(cm, a) for a in ("_flatten_y", "_flat_metrics", "_flat_weighted_metrics")):
+    if not all(
+        hasattr(cm, a)
+        for a in ("_flatten_y", "_flat_metrics", "_flat_weighted_metrics")
+    ):
         # A Keras whose CompileMetrics changed: weighted metrics stay exact.
         cm.update_state(y, y_pred, sample_weight if sample_weight is not None else mask)
         return
     if not cm.built:
         cm.build(y, y_pred)
     ys, ps = cm._flatten_y(y), cm._flatten_y(y_pred)
-    for m, y_t, y_p in zip(cm._flat_metrics, ys, ps):
+    for m, y_t, y_p in zip(cm._flat_metrics, ys, ps, strict=False):
         if m:
             m.update_state(y_t, y_p, sample_weight=_expand(mask, _loss_rank(y_p)))
     weights = cm._flatten_y(sample_weight) if sample_weight is not None else [mask]
     if len(weights) < len(ys):
         weights = [weights[0]] * len(ys)
-    for m, y_t, y_p, w in zip(cm._flat_weighted_metrics, ys, ps, weights):
+    for m, y_t, y_p, w in zip(cm._flat_weighted_metrics, ys, ps, weights, strict=False):
         if m:
             m.update_state(y_t, y_p, sample_weight=_times_rows(w, mask))
 
 
 class StreamingBatches(_keras_adapter.DataAdapter):
     """A `BigArrayDataset` as `StreamingModel` takes it: batches of a padded
-    dataset carry their row mask, `(x, y, sample_weight, mask)`, and under
+    dataset carry their row mask (see `StreamingModel.unpack_batch`), and under
     `MultiWorkerMirroredStrategy` each worker reads its own shard.
 
     `StreamingModel.fit`, `evaluate` and `predict` wrap a `BigArrayDataset` in
@@ -553,11 +569,16 @@ class StreamingBatches(_keras_adapter.DataAdapter):
         user_weights = src.sample_weight is not None
 
         def attach(batch: Any, mask: Any) -> Any:
-            if len(batch) == 1:  # predict: x only
-                return (batch[0], None, None, mask)
-            # Without user weights the dataset's weights are the mask itself:
-            # drop them, so the mask is shaped for each output's loss.
-            return (batch[0], batch[1], batch[2] if user_weights else None, mask)
+            # A dict, not a tuple with None or empty Optionals for the missing
+            # parts: MultiWorkerMirroredStrategy's iterators carry tensors only.
+            packed = {"x": batch[0], _MASK: mask}
+            if len(batch) > 1:
+                packed["y"] = batch[1]
+                # Without user weights the dataset's weights are the mask
+                # itself: leave them out, so the mask is shaped per output.
+                if user_weights:
+                    packed["sample_weight"] = batch[2]
+            return packed
 
         return tf.data.Dataset.zip((batches, self._masks(src))).map(attach)
 
@@ -565,7 +586,10 @@ class StreamingBatches(_keras_adapter.DataAdapter):
         ds = self.ds
         if ds.num_shards == 1:
             part = ds.for_input_context(ctx)  # batch_size is the global batch
-        elif (ds.num_shards, ds.shard_index) == (ctx.num_input_pipelines, ctx.input_pipeline_id):
+        elif (ds.num_shards, ds.shard_index) == (
+            ctx.num_input_pipelines,
+            ctx.input_pipeline_id,
+        ):
             part = ds  # already this worker's shard
         else:
             raise ValueError(
@@ -593,10 +617,7 @@ class StreamingBatches(_keras_adapter.DataAdapter):
 
     def symbolic_batch(self) -> Any:
         """The batch structure as `tf.TensorSpec`s, for building the model."""
-        spec = self._batches(self._source).element_spec
-        return tf.nest.map_structure(
-            lambda s: s if isinstance(s, tf.TensorSpec) else None, spec
-        )
+        return self._batches(self._source).element_spec
 
     # ---- DataAdapter ---------------------------------------------------------------
     def get_tf_dataset(self) -> Any:

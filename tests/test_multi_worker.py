@@ -29,7 +29,9 @@ def make_data() -> tuple[np.ndarray, np.ndarray]:
 def build(keras: Any, cls: Any) -> Any:
     keras.utils.set_random_seed(1)
     inputs = keras.Input((3,))
-    return cls(inputs, keras.layers.Dense(1)(keras.layers.Dense(4, activation="tanh")(inputs)))
+    return cls(
+        inputs, keras.layers.Dense(1)(keras.layers.Dense(4, activation="tanh")(inputs))
+    )
 
 
 def datasets(kb: Any, x: np.ndarray, y: np.ndarray, index: int) -> dict[str, Any]:
@@ -62,8 +64,14 @@ def worker(index: int, ports: list[str], out: Path) -> None:
             super().__init__(name=name, **kw)
             self.total = self.add_variable(shape=(), initializer="zeros", name="total")
 
-        def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
-            v = y_true[:, 0] if self.name == "id_sum" else keras.ops.ones_like(y_true[:, 0])
+        def update_state(
+            self, y_true: Any, y_pred: Any, sample_weight: Any = None
+        ) -> None:
+            v = (
+                y_true[:, 0]
+                if self.name == "id_sum"
+                else keras.ops.ones_like(y_true[:, 0])
+            )
             if sample_weight is not None:  # StreamingModel: the row mask
                 v = v * sample_weight
             self.total.assign_add(keras.ops.sum(v))
@@ -78,12 +86,13 @@ def worker(index: int, ports: list[str], out: Path) -> None:
         with strategy.scope():
             model = build(keras, kb.StreamingModel)
             model.compile(
-                keras.optimizers.SGD(0.01), "mse",
+                keras.optimizers.SGD(0.01),
+                "mse",
                 metrics=[RowStat("id_sum"), RowStat("rows")],
             )
         steps: list[int] = []
         counter = keras.callbacks.LambdaCallback(
-            on_train_batch_end=lambda batch, logs: steps.append(batch)
+            on_train_batch_end=lambda batch, logs, steps=steps: steps.append(batch)
         )
         hist = model.fit(ds, epochs=EPOCHS, verbose=0, callbacks=[counter])
         result[how] = {
@@ -128,14 +137,19 @@ def single_device_reference(how: str) -> list[np.ndarray]:
     return ref.get_weights()
 
 
-def test_two_workers_train_every_row_once_with_single_device_weights(tmp_path: Path) -> None:
+def test_two_workers_train_every_row_once_with_single_device_weights(
+    tmp_path: Path,
+) -> None:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
     env.pop("TF_CONFIG", None)
     ports = free_ports(2)
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, str(k), ",".join(ports), str(tmp_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for k in range(2)
     ]
@@ -144,7 +158,7 @@ def test_two_workers_train_every_row_once_with_single_device_weights(tmp_path: P
     finally:
         for p in procs:
             p.kill()
-    for p, err in zip(procs, errs):
+    for p, err in zip(procs, errs, strict=True):
         assert p.returncode == 0, err[-4000:]
     results = [json.loads((tmp_path / f"worker{k}.json").read_text()) for k in range(2)]
     for how in ("sharded", "global"):
