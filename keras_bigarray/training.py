@@ -117,9 +117,15 @@ class StreamingModel(keras.Model):
     unsharded with `batch_size` the global batch): every worker runs exactly
     `len(dataset)` steps and every row of an epoch is trained on once.
 
-    The loss scaling is exact for loss reductions that divide by the batch size
-    (`"sum_over_batch_size"`, every Keras loss's default, and `"mean"`). Layers
-    that mix rows in training, such as `BatchNormalization`, see padding rows.
+    Limits: the loss scaling is exact for loss reductions that divide by the
+    batch size (`"sum_over_batch_size"`, every Keras loss's default, and
+    `"mean"`). Layers that mix rows in training, such as `BatchNormalization`,
+    see padding rows. Only a `BigArrayDataset` passed to `fit`, `evaluate` or
+    `predict` itself carries its row mask: its `to_tf_dataset()` does not, so
+    padding rows would count as real rows of weight 0. Import
+    `keras_bigarray.training` (or touch `kb.StreamingModel`) before
+    `keras.models.load_model` of a saved StreamingModel, as for any custom
+    class.
 
     Example:
 

@@ -82,6 +82,11 @@ def test_unpadded_equals_plain_keras() -> None:
     h = model.fit(ds(x, y, w, pad=False), epochs=2, verbose=0)
     assert_weights_close(ref, model, atol=1e-7)
     assert_history_close(h_ref, h, rtol=1e-6)
+    arrays = compile_(mlp(StreamingModel))  # numpy in, as with any keras.Model
+    arrays.fit(
+        x, y, sample_weight=w, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+    )
+    assert_weights_close(ref, arrays, atol=1e-7)
 
 
 @pytest.mark.parametrize("weights", ["none", "with_zeros"])
