@@ -26,6 +26,13 @@ FEISTEL_ROUNDS = 6
 _CHUNK = 1 << 16
 _CACHE_ENTRIES = 8
 
+# Halves up to this size (n <= 2**32 rows) run their rounds in uint32.
+_SMALL_HALF = 1 << 16
+_K1 = np.uint32(0x9E3779B1)
+_K2 = np.uint32(0x85EBCA6B)
+_S15 = np.uint32(15)
+_S16 = np.uint32(16)
+
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _C1 = np.uint64(0x9E3779B97F4A7C15)
 _C2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -89,9 +96,50 @@ class Permutation:
         self.n = int(n)
         self.a = max(1, math.isqrt(self.n - 1) + 1)
         self.keys = [np.uint64(k) for k in keys]
+        # Up to 2**32 rows a half holds at most 2**16 values: rounds then run in
+        # uint32 (SIMD-wide in numpy, no division), ~3x faster than uint64.
+        self._keys32 = [np.uint32((int(k) ^ (int(k) >> 32)) & 0xFFFFFFFF) for k in self.keys]
+
+    def _rounds32(self, x: np.ndarray, inverse: bool) -> np.ndarray:
+        a = self.a
+        a32 = np.uint32(a)
+        left = (x // a).astype(np.uint32)
+        right = (x - left.astype(np.int64) * a).astype(np.uint32)
+        spare = np.empty_like(right)
+        tmp = np.empty_like(right)
+        keys = self._keys32 if not inverse else self._keys32[::-1]
+        for k in keys:
+            # (L, R) -> (R, (L + F(R)) mod a); inverse: (L', R') ->
+            # ((R' + a - F(L')) mod a, L'). F: a multiply-xorshift hash of
+            # (half ^ k), its top 16 bits scaled into [0, a) without division.
+            half = left if inverse else right
+            f = spare
+            np.bitwise_xor(half, k, out=f)
+            np.multiply(f, _K1, out=f)
+            np.right_shift(f, _S15, out=tmp)
+            np.bitwise_xor(f, tmp, out=f)
+            np.multiply(f, _K2, out=f)
+            np.right_shift(f, _S16, out=f)
+            np.multiply(f, a32, out=f)
+            np.right_shift(f, _S16, out=f)
+            if inverse:
+                np.subtract(a32, f, out=f)
+                np.add(f, right, out=f)
+            else:
+                np.add(f, left, out=f)
+            np.subtract(f, a32, out=tmp)  # f < 2a; wraps to huge when f < a
+            np.minimum(f, tmp, out=f)
+            if inverse:
+                left, right, spare = f, left, right
+            else:
+                left, right, spare = right, f, left
+        return left.astype(np.int64) * a + right
 
     def _rounds(self, x: np.ndarray, inverse: bool) -> np.ndarray:
+        if self.a <= _SMALL_HALF:
+            return self._rounds32(x.astype(np.int64, copy=False), inverse)
         a = np.uint64(self.a)
+        x = x.astype(np.uint64, copy=False)
         left, right = x // a, x % a
         if not inverse:
             for k in self.keys:
@@ -99,7 +147,7 @@ class Permutation:
         else:
             for k in reversed(self.keys):
                 left, right = (right + a - _mix(left, k) % a) % a, left
-        return left * a + right
+        return (left * a + right).astype(np.int64)
 
     def _apply(self, x: np.ndarray, inverse: bool) -> np.ndarray:
         y = np.asarray(x, dtype=np.int64)
@@ -108,14 +156,12 @@ class Permutation:
             raise IndexError(f"{bad} is outside the permutation's domain [0, {self.n})")
         if self.n == 1:
             return np.zeros_like(y)
-        flat = y.reshape(-1).astype(np.uint64)
-        out = self._rounds(flat, inverse)
-        n = np.uint64(self.n)
-        todo = np.flatnonzero(out >= n)
+        out = self._rounds(y.reshape(-1), inverse)
+        todo = np.flatnonzero(out >= self.n)
         while todo.size:  # cycle walking: stays a bijection on [0, n)
             out[todo] = self._rounds(out[todo], inverse)
-            todo = todo[out[todo] >= n]
-        return out.astype(np.int64).reshape(y.shape)
+            todo = todo[out[todo] >= self.n]
+        return out.reshape(y.shape)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self._apply(x, inverse=False)
@@ -218,12 +264,14 @@ class Sampler:
             self.drop_remainder,
             self.pad_remainder,
         )
-        self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self._cache: dict[tuple[int, int], list[np.ndarray]] = {}
+        self._perms: dict[tuple[int, int], Permutation] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cache"] = {}
+        state["_perms"] = {}
         del state["_lock"]
         return state
 
@@ -247,12 +295,23 @@ class Sampler:
             )
 
     # ---- epoch order -----------------------------------------------------------
+    def _perm(self, epoch: int, stream: int, n: int) -> Permutation:
+        key = (epoch, stream)
+        perm = self._perms.get(key)
+        if perm is None or perm.n != n:
+            perm = Permutation(n, _keys(self.seed, epoch, stream))
+            with self._lock:
+                if len(self._perms) >= _CACHE_ENTRIES:
+                    self._perms.pop(next(iter(self._perms)))
+                self._perms[key] = perm
+        return perm
+
     def _order(self, epoch: int, pos: np.ndarray) -> np.ndarray:
         """Rows at epoch positions `pos` (ascending, contiguous)."""
         if self.mode == "sequential":
             return pos
         if self.mode == "global":
-            return Permutation(self.num_rows, _keys(self.seed, epoch, 0))(pos)
+            return self._perm(epoch, 0, self.num_rows)(pos)
         return self._block_order(epoch, pos)
 
     def _block_order(self, epoch: int, pos: np.ndarray) -> np.ndarray:
@@ -260,7 +319,7 @@ class Sampler:
         nblocks = -(-n // br)
         last_len = n - (nblocks - 1) * br
         hole = br - last_len  # rows missing from the partial last block
-        blocks = Permutation(nblocks, _keys(self.seed, epoch, 1))
+        blocks = self._perm(epoch, 1, nblocks)
         win_rows = w * br
         if hole:
             slot = int(blocks.inverse(np.array([nblocks - 1]))[0])
@@ -271,42 +330,53 @@ class Sampler:
         win = np.where(shifted, (pos + hole) // win_rows, pos // win_rows)
         q = pos - (win * win_rows - np.where(win > w_star, hole, 0))
         rows = np.empty_like(pos)
-        for wi in np.unique(win).tolist():
-            m = win == wi
+        window_keys = _keys(self.seed, epoch, 2)
+        # Positions are ascending, so each window's positions are one slice.
+        cuts = np.flatnonzero(np.diff(win)) + 1
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), pos.size]):
+            wi = int(win[a])
             nblk = min(w, nblocks - wi * w)
             length = nblk * br - (hole if wi == w_star else 0)
-            qp = Permutation(length, _keys(self.seed, epoch, 2, wi))(q[m])
+            keys = _mix(window_keys, np.uint64(wi & 0xFFFFFFFFFFFFFFFF))
+            qp = Permutation(length, keys)(q[a:b])
             if wi == w_star:  # skip the slots past the partial block's end
                 qp = np.where(qp < s_star * br + last_len, qp, qp + hole)
             s, o = np.divmod(qp, br)
-            rows[m] = blocks(wi * w + s) * br + o
-        return rows
-
-    def _chunk(self, epoch: int, c: int) -> np.ndarray:
-        key = (epoch, c)
-        rows = self._cache.get(key)
-        if rows is None:
-            lo = c * _CHUNK
-            hi = min(self.num_rows, lo + _CHUNK)
-            rows = self._order(epoch, np.arange(lo, hi, dtype=np.int64))
-            rows.flags.writeable = False  # positions() hands out views of it
-            with self._lock:
-                if len(self._cache) >= _CACHE_ENTRIES:
-                    self._cache.pop(next(iter(self._cache)))
-                self._cache[key] = rows
+            rows[a:b] = blocks(wi * w + s) * br + o
         return rows
 
     def positions(self, epoch: int, start: int, stop: int) -> np.ndarray:
-        """Rows at epoch positions `start:stop`."""
-        if self.mode == "sequential":
-            return np.arange(start, stop, dtype=np.int64)
-        parts = []
-        c = start // _CHUNK
-        while start < stop:
-            end = min(stop, (c + 1) * _CHUNK)
-            parts.append(self._chunk(epoch, c)[start - c * _CHUNK : end - c * _CHUNK])
-            start, c = end, c + 1
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        """Rows at epoch positions `start:stop`, in epoch order."""
+        pos = np.arange(start, stop, dtype=np.int64)
+        return pos if self.mode == "sequential" else self._order(epoch, pos)
+
+    def _sorted_batches(self, epoch: int, c: int) -> list[np.ndarray]:
+        """Batches `c*K:(c+1)*K` of this shard, each sorted (K ~ 64Ki rows)."""
+        key = (epoch, c)
+        got = self._cache.get(key)
+        if got is not None:
+            return got
+        b = self.batch_size
+        per = max(1, _CHUNK // b)
+        length = self.layout.lengths[self.shard_index]
+        base = self.layout.starts[self.shard_index]
+        lo, hi = c * per * b, min((c + 1) * per * b, length)
+        rows = self._order(epoch, np.arange(base + lo, base + hi, dtype=np.int64))
+        # Sorting in uint32 runs numpy's SIMD sort; one call sorts every batch.
+        small = self.num_rows <= 1 << 32
+        full = (rows.size // b) * b
+        head = rows[:full].reshape(-1, b)
+        head = np.sort(head.astype(np.uint32) if small else head, axis=1).astype(np.int64)
+        batches = list(head)
+        if full < rows.size:
+            batches.append(np.sort(rows[full:]))
+        for arr in batches:
+            arr.flags.writeable = False  # shared by every caller of batch()
+        with self._lock:
+            if len(self._cache) >= _CACHE_ENTRIES:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = batches
+        return batches
 
     def batch(self, epoch: int, index: int) -> tuple[np.ndarray, int]:
         """`(rows, num_real)` of batch `index` of `epoch` on this shard."""
@@ -317,11 +387,12 @@ class Sampler:
             )
         lo = index * self.batch_size
         length = self.layout.lengths[self.shard_index]
-        hi = min(lo + self.batch_size, length)
-        base = self.layout.starts[self.shard_index]
-        rows = self.positions(epoch, base + lo, base + hi) if hi > lo else (
-            np.zeros(0, dtype=np.int64)
-        )
-        if self.mode != "sequential":
-            rows = np.sort(rows)
-        return rows, max(0, hi - lo)
+        num_real = max(0, min(self.batch_size, length - lo))
+        if num_real == 0:
+            return np.zeros(0, dtype=np.int64), 0
+        if self.mode == "sequential":
+            base = self.layout.starts[self.shard_index] + lo
+            return np.arange(base, base + num_real, dtype=np.int64), num_real
+        per = max(1, _CHUNK // self.batch_size)
+        c, i = divmod(index, per)
+        return self._sorted_batches(epoch, c)[i], num_real
