@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"where generated data is written and reused (default: "
                         f"{default_data_dir()}; never inside the repository)")
     p.add_argument("--cases", default=",".join(c for c in CASES if c != "huge"),
-                   help=f"comma-separated subset of {', '.join(CASES)} (default: all "
-                        "but huge, which --huge adds)")
+                   help=f"comma-separated subset of {', '.join(CASES)} (default: all; "
+                        "huge runs only with --huge)")
     p.add_argument("--repeats", type=int, default=None,
                    help="rounds of the pipeline and HDF5 cases (default 5; quick 2)")
     p.add_argument("--fit-repeats", type=int, default=None,
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--h5-size", type=_size, default=None,
                    help="each HDF5 file (default 512MiB; quick 8MiB)")
     p.add_argument("--fit-rows", type=int, default=None,
-                   help="rows trained per fit epoch (default 262144; quick 32768)")
+                   help="rows trained per fit epoch (default 524288; quick 32768)")
     p.add_argument("--memory-sizes", type=_sizes, default=None,
                    help="array sizes of the memory case (default 2GB,8GB; quick 16MB,64MB)")
     p.add_argument("--huge-size", type=_size, default=None,
@@ -106,7 +106,7 @@ def make_config(args: argparse.Namespace) -> tuple[object, list[str]]:
         workers=args.workers,
         pipeline_bytes=args.pipeline_size or ((32 << 20) if q else (1 << 30)),
         h5_bytes=args.h5_size or ((8 << 20) if q else (512 << 20)),
-        fit_rows=args.fit_rows or (32 * 1024 if q else 256 * 1024),
+        fit_rows=args.fit_rows or (32 * 1024 if q else 512 * 1024),
         memory_bytes=args.memory_sizes or ((16 * 10**6, 64 * 10**6) if q else (2 * 10**9, 8 * 10**9)),
         bounded_seconds=0.3 if q else 3.0,
         huge=args.huge,
@@ -128,8 +128,17 @@ def _quiet_third_party() -> None:
     # tf.data.Dataset (the peers and our to_tf_dataset); TensorFlow warns
     # about retracing, which every fresh model of the fit case does once.
     warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed")
-    import tensorflow as tf
-
+    # TensorFlow's C++ side prints INFO lines at import whatever
+    # TF_CPP_MIN_LOG_LEVEL says: import it with stderr (fd 2) muted.
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
     tf.get_logger().setLevel("ERROR")
 
 
@@ -155,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
-    if args.huge and "huge" not in cases:
-        cases.append("huge")
+    if "huge" not in cases and (args.huge or args.cases == parser.get_default("cases")):
+        cases.append("huge")  # without --huge, its section says how to run it
     out = os.path.abspath(args.out)
     stem = os.path.splitext(out)[0]
     os.makedirs(os.path.dirname(out), exist_ok=True)
