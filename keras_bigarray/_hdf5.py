@@ -20,6 +20,17 @@ __all__ = ["HDF5Array", "from_h5py_dataset"]
 CHUNK_CACHE_BYTES = 64 << 20
 CHUNK_CACHE_SLOTS = 100_003
 
+# One h5py read of adjacent chunks holds at most this much decoded data (plus
+# one chunk): a batch spread over many chunks never costs more memory than this.
+MAX_READ_BYTES = 32 << 20
+
+# Chunk-offset tables longer than this are not pickled (8 bytes a chunk): the
+# receiving process rebuilds them from the file on first read.
+_PICKLED_PLAN_CHUNKS = 4096
+
+
+_REBUILD = "rebuild"  # a pickled plan too long to send: rebuilt on first read
+
 
 def _h5py():
     try:
@@ -150,6 +161,9 @@ class HDF5Array(BigArray):
         state = self.__dict__.copy()
         del state["_local"]
         state["_pid"] = -1
+        plan = state["_byte_plan"]
+        if plan is not None and plan[1].size > _PICKLED_PLAN_CHUNKS:
+            state["_byte_plan"] = _REBUILD
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -188,8 +202,13 @@ class HDF5Array(BigArray):
         return local.ds
 
     # ---- reading -----------------------------------------------------------------
+    def _plan(self) -> tuple[int, np.ndarray]:
+        if isinstance(self._byte_plan, str):
+            self._byte_plan = self._plan_direct_reads(self._dataset())
+        return self._byte_plan  # type: ignore[return-value]
+
     def _gather_bytes(self, idx: np.ndarray) -> np.ndarray:
-        rows, offsets = self._byte_plan  # type: ignore[misc]
+        rows, offsets = self._plan()
         width = self.row_nbytes
         where = offsets[idx // rows] + (idx % rows) * width
         raw = self._file_bytes()
@@ -203,7 +222,7 @@ class HDF5Array(BigArray):
 
     def _read_range(self, start: int, stop: int) -> np.ndarray:
         if self._byte_plan is not None:
-            rows, offsets = self._byte_plan
+            rows, offsets = self._plan()
             if offsets.size == 1:  # contiguous: one slice of the file
                 width = self.row_nbytes
                 raw = self._file_bytes()
@@ -220,7 +239,14 @@ class HDF5Array(BigArray):
         # (h5py's own fancy indexing reads chunk by chunk per point, ~800x slower).
         rows = self.block_rows
         chunk = idx // rows
-        starts = np.flatnonzero(np.diff(chunk) > 1) + 1
+        # A new read where chunks stop being adjacent, or where one read would
+        # pass MAX_READ_BYTES: memory stays bounded whatever the batch spans.
+        per_read = max(1, MAX_READ_BYTES // max(1, rows * self.row_nbytes))
+        gap = np.diff(chunk) > 1
+        run_id = np.concatenate(([0], np.cumsum(gap)))
+        run_first = chunk[np.concatenate(([0], np.flatnonzero(gap) + 1))]
+        piece = (chunk - run_first[run_id]) // per_read
+        starts = np.flatnonzero(gap | (np.diff(piece) != 0)) + 1
         first = np.concatenate(([0], starts))
         last = np.concatenate((starts, [idx.size]))
         ds = self._dataset()

@@ -542,6 +542,20 @@ def _file_magic(path: str) -> bytes:
         return f.read(8)
 
 
+def _is_hdf5_with_user_block(path: str) -> bool:
+    # HDF5 puts its signature at 0, 512, 1024, 2048, ... bytes (after a user
+    # block); look at those before calling the file unknown.
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        where = 512
+        while where + 8 <= size and where <= 1 << 30:
+            f.seek(where)
+            if f.read(8) == _HDF5_MAGIC:
+                return True
+            where *= 2
+    return False
+
+
 def _memmap_origin(mm: np.memmap) -> tuple[str, int] | None:
     """The (file, byte offset) of a C-contiguous memmap or view of one."""
     base = getattr(mm, "_mmap", None)
@@ -678,6 +692,10 @@ def _open_path(
         raise ValueError(f"key={key!r} was given but '{path}' is not an HDF5 file")
     if magic.startswith(_NPY_MAGIC):
         return NpyArray(path)
+    if _is_hdf5_with_user_block(path):
+        from keras_bigarray import _hdf5
+
+        return _hdf5.HDF5Array(path, key)
     if magic.startswith(b"PK"):
         raise ValueError(
             f"'{path}' is a zip archive (.npz?); save each array as its own .npy "

@@ -323,3 +323,53 @@ def test_child_processes_read_hdf5(tmp_path: Path, method: str):
     assert p.exitcode == 0, f"the {method} child read wrong rows or failed"
     for x in arrays:
         assert_same(x[idx], data[idx])  # and the parent still reads
+
+
+def test_compressed_reads_are_split_to_bound_memory(tmp_path, monkeypatch):
+    from keras_bigarray import _hdf5
+
+    data = np.arange(4000 * 4, dtype="float32").reshape(4000, 4)
+    with h5py.File(tmp_path / "z.h5", "w") as f:
+        f.create_dataset("x", data=data, chunks=(10, 4), compression="gzip")
+    x = kb.open_array(str(tmp_path / "z.h5"), key="x")
+    spans = []
+    real = _hdf5.HDF5Array._dataset
+
+    class Spy:
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __getitem__(self, key):
+            spans.append(key.stop - key.start)
+            return self.ds[key]
+
+    monkeypatch.setattr(_hdf5, "MAX_READ_BYTES", 10 * 4 * 4 * 3)  # three chunks
+    monkeypatch.setattr(_hdf5.HDF5Array, "_dataset", lambda self: Spy(real(self)))
+    idx = np.arange(0, 4000, 3)
+    np.testing.assert_array_equal(x[idx], data[idx])
+    assert max(spans) <= 30
+
+
+def test_long_chunk_tables_are_rebuilt_after_pickling(tmp_path, monkeypatch):
+    from keras_bigarray import _hdf5
+
+    data = np.arange(500 * 2, dtype="int32").reshape(500, 2)
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f.create_dataset("x", data=data, chunks=(5, 2))
+    x = kb.open_array(str(tmp_path / "c.h5"), key="x")
+    assert x.direct
+    monkeypatch.setattr(_hdf5, "_PICKLED_PLAN_CHUNKS", 10)
+    blob = pickle.dumps(x)
+    assert len(blob) < 1000
+    y = pickle.loads(blob)
+    idx = np.array([499, 0, 250, 251, 7])
+    np.testing.assert_array_equal(y[idx], data[idx])
+    assert y.direct
+
+
+def test_hdf5_with_a_user_block_and_no_suffix(tmp_path):
+    data = np.arange(12, dtype="float64").reshape(6, 2)
+    p = tmp_path / "data.bin"
+    with h5py.File(p, "w", userblock_size=512) as f:
+        f.create_dataset("x", data=data)
+    np.testing.assert_array_equal(kb.open_array(str(p), key="x")[:], data)
