@@ -684,7 +684,11 @@ def _open_path(
             f"'{path}' as raw bytes."
         )
     magic = _file_magic(path)
-    if magic.startswith(_HDF5_MAGIC) or path.lower().endswith(_HDF5_SUFFIXES):
+    if (
+        magic.startswith(_HDF5_MAGIC)
+        or path.lower().endswith(_HDF5_SUFFIXES)
+        or (not magic.startswith(_NPY_MAGIC) and _is_hdf5_with_user_block(path))
+    ):
         from keras_bigarray import _hdf5
 
         return _hdf5.HDF5Array(path, key)
@@ -692,10 +696,6 @@ def _open_path(
         raise ValueError(f"key={key!r} was given but '{path}' is not an HDF5 file")
     if magic.startswith(_NPY_MAGIC):
         return NpyArray(path)
-    if _is_hdf5_with_user_block(path):
-        from keras_bigarray import _hdf5
-
-        return _hdf5.HDF5Array(path, key)
     if magic.startswith(b"PK"):
         raise ValueError(
             f"'{path}' is a zip archive (.npz?); save each array as its own .npy "
