@@ -14,9 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 import _data
+import numpy as np
 from _harness import CaseResult, Measurement, Variant, interleave, log, timed
 
 SEED = 1234
@@ -56,7 +55,7 @@ def _dataset(x: Any, y: Any = None, **kw: Any) -> Any:
     return kb.BigArrayDataset(x, y, **kw)
 
 
-# ---- pipeline alone, .npy in the page cache ---------------------------------------
+# ---- pipeline alone, .npy in the page cache ------------------------------------------
 
 
 def _read_all(reader: Any, epoch: int, n: int) -> None:
@@ -90,8 +89,12 @@ def case_pipeline(cfg: Config) -> CaseResult:
 
     def make(mode: str, workers: int = 1) -> Any:
         return kb.BigArrayDataset(
-            x, batch_size=B, shuffle=False if mode == "sequential" else mode,
-            seed=SEED, drop_remainder=True, workers=workers,
+            x,
+            batch_size=B,
+            shuffle=False if mode == "sequential" else mode,
+            seed=SEED,
+            drop_remainder=True,
+            workers=workers,
         )
 
     readers = {m: make(m).reader for m in ("sequential", "global", "block")}
@@ -107,6 +110,7 @@ def case_pipeline(cfg: Config) -> CaseResult:
             for i in range(nb):
                 np.array(bare[i * B : (i + 1) * B])
             return total
+
         return timed(go)
 
     def take_run(mode: str):
@@ -117,12 +121,15 @@ def case_pipeline(cfg: Config) -> CaseResult:
                 for i in range(nb):
                     np.take(bare, idx[i], axis=0)
                 return total
+
             return timed(go)
+
         return run
 
     def reader_run(mode: str):
         def run(_r: int) -> Measurement:
             return timed(lambda: (_read_all(readers[mode], 0, nb), total)[1])
+
         return run
 
     parallel = {m: make(m, cfg.workers) for m in ("sequential", "global", "block")}
@@ -133,7 +140,9 @@ def case_pipeline(cfg: Config) -> CaseResult:
                 for _ in parallel[mode].iterate_epoch(epoch=0):
                     pass
                 return total
+
             return timed(go)
+
         return run
 
     tfds: dict[str, Any] = {}
@@ -148,28 +157,64 @@ def case_pipeline(cfg: Config) -> CaseResult:
                 for _ in ds:
                     pass
                 return total
+
             return timed(go)
+
         return run
 
     w = cfg.workers
     variants = [
-        Variant("copy", "numpy copy of each batch's slice (limit)", False, copy_run,
-                "np.array(x[i*B:(i+1)*B]) on a memmap", "NUMPY SLICE COPY"),
-        Variant("take_global", "np.take, global-shuffle indices (limit)", False,
-                take_run("global"), "np.take(x, idx, axis=0), sorted indices precomputed",
-                "NP.TAKE GLOBAL IDX"),
-        Variant("take_block", "np.take, block-shuffle indices (limit)", False,
-                take_run("block"), "as above, block-shuffle indices", "NP.TAKE BLOCK IDX"),
+        Variant(
+            "copy",
+            "numpy copy of each batch's slice (limit)",
+            False,
+            copy_run,
+            "np.array(x[i*B:(i+1)*B]) on a memmap",
+            "NUMPY SLICE COPY",
+        ),
+        Variant(
+            "take_global",
+            "np.take, global-shuffle indices (limit)",
+            False,
+            take_run("global"),
+            "np.take(x, idx, axis=0), sorted indices precomputed",
+            "NP.TAKE GLOBAL IDX",
+        ),
+        Variant(
+            "take_block",
+            "np.take, block-shuffle indices (limit)",
+            False,
+            take_run("block"),
+            "as above, block-shuffle indices",
+            "NP.TAKE BLOCK IDX",
+        ),
     ]
     for m in ("sequential", "global", "block"):
         variants += [
-            Variant(f"reader_{m}", f"ours {m}, BatchReader.read (1 thread)", True,
-                    reader_run(m), "sampling + reading, one thread", f"OURS {m} READER"),
-            Variant(f"iter_{m}", f"ours {m}, ds.iterate_epoch() ({w} threads)", True,
-                    iter_run(m), f"workers={w}, max_queue_size=10", f"OURS {m} ITER W{w}"),
-            Variant(f"tf_{m}", f"ours {m}, ds.to_tf_dataset()", True, tf_run(m),
-                    "tf.data, autotuned parallel reads, iterated eagerly",
-                    f"OURS {m} TF.DATA"),
+            Variant(
+                f"reader_{m}",
+                f"ours {m}, BatchReader.read (1 thread)",
+                True,
+                reader_run(m),
+                "sampling + reading, one thread",
+                f"OURS {m} READER",
+            ),
+            Variant(
+                f"iter_{m}",
+                f"ours {m}, ds.iterate_epoch() ({w} threads)",
+                True,
+                iter_run(m),
+                f"workers={w}, max_queue_size=10",
+                f"OURS {m} ITER W{w}",
+            ),
+            Variant(
+                f"tf_{m}",
+                f"ours {m}, ds.to_tf_dataset()",
+                True,
+                tf_run(m),
+                "tf.data, autotuned parallel reads, iterated eagerly",
+                f"OURS {m} TF.DATA",
+            ),
         ]
     interleave(case, variants, cfg.repeats)
     case.notes.append(
@@ -180,10 +225,12 @@ def case_pipeline(cfg: Config) -> CaseResult:
     return case
 
 
-# ---- HDF5 --------------------------------------------------------------------------
+# ---- HDF5 ----------------------------------------------------------------------------
 
 
-def _bounded(fn: Any, nb: int, seconds: float, batch_rows: int, row_nbytes: int) -> Measurement:
+def _bounded(
+    fn: Any, nb: int, seconds: float, batch_rows: int, row_nbytes: int
+) -> Measurement:
     """Runs `fn(i)` for batches until `seconds` pass (at least one)."""
     t0 = time.perf_counter()
     done = 0
@@ -193,8 +240,9 @@ def _bounded(fn: Any, nb: int, seconds: float, batch_rows: int, row_nbytes: int)
         if time.perf_counter() - t0 >= seconds:
             break
     dt = time.perf_counter() - t0
-    return Measurement(dt, done * batch_rows, done * batch_rows * row_nbytes,
-                       {"batches": float(done)})
+    return Measurement(
+        dt, done * batch_rows, done * batch_rows * row_nbytes, {"batches": float(done)}
+    )
 
 
 def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
@@ -219,17 +267,24 @@ def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
         "MB/s",
         f"{rows * rb / 2**20:.0f} MiB float32 dataset ({rows:,} rows of {rb} bytes), "
         f"chunks of {_data.H5_CHUNK_ROWS} rows (1 MiB)"
-        + (f", gzip level {_data.H5_GZIP_LEVEL} (ratio {ratio:.1f}x)" if gzip else
-           ", no filters (ours reads the chunks' bytes through a memory map)")
+        + (
+            f", gzip level {_data.H5_GZIP_LEVEL} (ratio {ratio:.1f}x)"
+            if gzip
+            else ", no filters (ours reads the chunks' bytes through a memory map)"
+        )
         + f", file in the page cache, batch {B}, single thread. Each "
         f"measurement reads the epoch's {nb} batches in order, stopping after "
         f"{cap:g} s; bounded ones stop after {cfg.bounded_seconds:g} s (at "
         "least one batch). Rates are over the batches read.",
     )
+
     def make(mode: str) -> Any:
         return kb.BigArrayDataset(
-            x, batch_size=B, shuffle=False if mode == "sequential" else mode,
-            seed=SEED, drop_remainder=True,
+            x,
+            batch_size=B,
+            shuffle=False if mode == "sequential" else mode,
+            seed=SEED,
+            drop_remainder=True,
         ).reader
 
     with warnings.catch_warnings():
@@ -245,7 +300,9 @@ def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
     def h5py_run(fn: Any, budget: float):
         def run(_r: int) -> Measurement:
             with h5py.File(path, "r") as f:
-                return _bounded(lambda i: fn(f["x"], i), nb, budget, B, rb)
+                d = f["x"]
+                return _bounded(lambda i: fn(d, i), nb, budget, B, rb)
+
         return run
 
     def ours(mode: str, budget: float, user_handle_open: bool = False):
@@ -258,41 +315,80 @@ def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
             try:
                 return _bounded(lambda i: reader.read(0, i), nb, budget, B, rb)
             finally:
-                del reader, src
+                reader = src = None
                 gc.collect()  # closes our handle before the next variant
                 if user is not None:
                     user.close()
+
         return run
 
     bounded = cfg.bounded_seconds
     variants = [
-        Variant("h5py_seq", "h5py sequential slicing ds[a:b]", False,
-                h5py_run(lambda d, i: d[i * B : (i + 1) * B], cap),
-                "h5py defaults (1 MiB chunk cache)", "H5PY SLICES"),
-        Variant("h5py_fancy", "h5py fancy indexing ds[sorted idx] (bounded)", False,
-                h5py_run(lambda d, i: d[global_idx[i]], bounded),
-                "global-shuffle indices, sorted", "H5PY FANCY INDEXING"),
-        Variant("reader_sequential", "ours sequential", True, ours("sequential", cap),
-                "BatchReader.read", "OURS SEQUENTIAL"),
-        Variant("reader_block", "ours block", True, ours("block", cap),
-                "BatchReader.read, blocks aligned to chunks", "OURS BLOCK"),
-        Variant("reader_global", "ours global" + (" (bounded)" if gzip else ""), True,
-                ours("global", bounded if gzip else cap), "BatchReader.read",
-                "OURS GLOBAL"),
+        Variant(
+            "h5py_seq",
+            "h5py sequential slicing ds[a:b]",
+            False,
+            h5py_run(lambda d, i: d[i * B : (i + 1) * B], cap),
+            "h5py defaults (1 MiB chunk cache)",
+            "H5PY SLICES",
+        ),
+        Variant(
+            "h5py_fancy",
+            "h5py fancy indexing ds[sorted idx] (bounded)",
+            False,
+            h5py_run(lambda d, i: d[global_idx[i]], bounded),
+            "global-shuffle indices, sorted",
+            "H5PY FANCY INDEXING",
+        ),
+        Variant(
+            "reader_sequential",
+            "ours sequential",
+            True,
+            ours("sequential", cap),
+            "BatchReader.read",
+            "OURS SEQUENTIAL",
+        ),
+        Variant(
+            "reader_block",
+            "ours block",
+            True,
+            ours("block", cap),
+            "BatchReader.read, blocks aligned to chunks",
+            "OURS BLOCK",
+        ),
+        Variant(
+            "reader_global",
+            "ours global" + (" (bounded)" if gzip else ""),
+            True,
+            ours("global", bounded if gzip else cap),
+            "BatchReader.read",
+            "OURS GLOBAL",
+        ),
     ]
     if not gzip:
         block_idx = [samplers["block"].batch(0, i)[0] for i in range(nb)]
-        variants.insert(2, Variant(
-            "gather_block", "gather of the block-shuffle rows from the file's bytes (limit)",
-            False, gather_limit(path, block_idx, cap),
-            "1 KiB items gathered from a memmap of the file, indices precomputed",
-            "ROW GATHER, BLOCK IDX (LIMIT)"))
+        variants.insert(
+            2,
+            Variant(
+                "gather_block",
+                "gather of the block-shuffle rows from the file's bytes (limit)",
+                False,
+                gather_limit(path, block_idx, cap),
+                "1 KiB items gathered from a memmap of the file, indices precomputed",
+                "ROW GATHER, BLOCK IDX (LIMIT)",
+            ),
+        )
     if gzip:
         variants.append(
-            Variant("reader_block_shared", "ours block, a user's h5py handle open (bounded)",
-                    True, ours("block", bounded, user_handle_open=True),
-                    "h5py.File(path) open in the same process: its 1 MiB chunk cache "
-                    "is the one both handles share", "OURS BLOCK, H5PY HANDLE OPEN")
+            Variant(
+                "reader_block_shared",
+                "ours block, a user's h5py handle open (bounded)",
+                True,
+                ours("block", bounded, user_handle_open=True),
+                "h5py.File(path) open in the same process: its 1 MiB chunk cache "
+                "is the one both handles share",
+                "OURS BLOCK, H5PY HANDLE OPEN",
+            )
         )
     interleave(case, variants, cfg.repeats)
     if gzip:
@@ -325,17 +421,24 @@ def gather_limit(path: str, batches: list[np.ndarray], budget: float):
     rows_per_chunk, offsets = src._byte_plan
     width = src.row_nbytes
     raw = np.memmap(path, dtype=np.uint8, mode="r")
-    items = np.ndarray(buffer=raw, dtype=np.dtype((np.void, width)),
-                       shape=(raw.size - width + 1,), strides=(1,))
-    where = [offsets[i // rows_per_chunk] + (i % rows_per_chunk) * width for i in batches]
+    items = np.ndarray(
+        buffer=raw,
+        dtype=np.dtype((np.void, width)),
+        shape=(raw.size - width + 1,),
+        strides=(1,),
+    )
+    where = [
+        offsets[i // rows_per_chunk] + (i % rows_per_chunk) * width for i in batches
+    ]
     B = batches[0].size
 
     def run(_r: int) -> Measurement:
         return _bounded(lambda i: items[where[i]], len(batches), budget, B, width)
+
     return run
 
 
-# ---- model.fit ------------------------------------------------------------------------
+# ---- model.fit -----------------------------------------------------------------------
 
 
 def make_model(spe: int) -> Any:
@@ -427,8 +530,12 @@ def case_fit(cfg: Config, spe: int) -> CaseResult:
         setup = time.perf_counter() - t0
         timer = _epoch_timer()
         model.fit(*inputs, epochs=2, verbose=0, callbacks=[timer], **fit_kw)
-        return Measurement(timer.times[1], steps * B, steps * B * rb,
-                           {"first_epoch_s": timer.times[0] + setup})
+        return Measurement(
+            timer.times[1],
+            steps * B,
+            steps * B * rb,
+            {"first_epoch_s": timer.times[0] + setup},
+        )
 
     batch_x = np.array(xm[:B])
     batch_y = np.array(ym[:B])
@@ -442,8 +549,9 @@ def case_fit(cfg: Config, spe: int) -> CaseResult:
     # The rows of fit(ds)'s second epoch (epoch 1 of its sampler), gathered by
     # a bare np.take inside the same tf.data plumbing: the limit of any reader
     # that gathers these rows on this CPU while the model trains.
-    limit_sampler = _dataset(pair.x, pair.y, batch_size=B, shuffle=True, seed=SEED,
-                             rows=slice(0, n)).sampler
+    limit_sampler = _dataset(
+        pair.x, pair.y, batch_size=B, shuffle=True, seed=SEED, rows=slice(0, n)
+    ).sampler
     limit_idx = [limit_sampler.batch(1, i)[0] for i in range(steps)]
     bare_x = xm.view(np.ndarray)
     bare_y = ym.view(np.ndarray)
@@ -466,19 +574,38 @@ def case_fit(cfg: Config, spe: int) -> CaseResult:
                 .prefetch(tf.data.AUTOTUNE)
             )
             return (ds,)
+
         return measure(make, {})
 
     def ours_ds(_r: int) -> Measurement:
         return measure(
-            lambda: (_dataset(pair.x, pair.y, batch_size=B, shuffle=True, seed=SEED,
-                              rows=slice(0, n), workers=cfg.workers),),
+            lambda: (
+                _dataset(
+                    pair.x,
+                    pair.y,
+                    batch_size=B,
+                    shuffle=True,
+                    seed=SEED,
+                    rows=slice(0, n),
+                    workers=cfg.workers,
+                ),
+            ),
             {},
         )
 
     def ours_tf(_r: int) -> Measurement:
         return measure(
-            lambda: (_dataset(pair.x, pair.y, batch_size=B, shuffle=True, seed=SEED,
-                              rows=slice(0, n), workers=cfg.workers).to_tf_dataset(),),
+            lambda: (
+                _dataset(
+                    pair.x,
+                    pair.y,
+                    batch_size=B,
+                    shuffle=True,
+                    seed=SEED,
+                    rows=slice(0, n),
+                    workers=cfg.workers,
+                ).to_tf_dataset(),
+            ),
             {},
         )
 
@@ -487,7 +614,8 @@ def case_fit(cfg: Config, spe: int) -> CaseResult:
 
     def pydataset(_r: int) -> Measurement:
         return measure(
-            lambda: (hand_written_pydataset(xm[:n], ym[:n], B, workers=cfg.workers),), {}
+            lambda: (hand_written_pydataset(xm[:n], ym[:n], B, workers=cfg.workers),),
+            {},
         )
 
     def recipe(_r: int) -> Measurement:
@@ -499,33 +627,75 @@ def case_fit(cfg: Config, spe: int) -> CaseResult:
                 .prefetch(tf.data.AUTOTUNE)
             )
             return (ds,)
+
         return measure(make, {})
 
     w = cfg.workers
     variants = [
-        Variant("step", "pure step: one in-memory batch repeated (limit)", False, step_only,
-                "tf.data.Dataset.from_tensors(batch).repeat()", "PURE STEP (LIMIT)"),
-        Variant("gather", "bare np.take of the same rows in tf.data (limit)", False,
-                gather_limit, f"precomputed indices, {w} parallel numpy_function "
-                "calls: no sampling, no checks", "BARE GATHER IN TF.DATA (LIMIT)"),
-        Variant("ours_ds", f"ours: fit(BigArrayDataset), global, workers={w}", True,
-                ours_ds, "the DataAdapter path", "OURS FIT(DS)"),
-        Variant("ours_tf", f"ours: fit(ds.to_tf_dataset()), global", True, ours_tf,
-                "tf.data, parallel reads", "OURS FIT(DS.TO_TF_DATASET())"),
-        Variant("memmap", "model.fit(memmap, shuffle=True)", False, memmap,
-                "Keras copies the array into memory first", "FIT(MEMMAP)"),
-        Variant("pydataset", f"hand-written PyDataset, sorted random gathers, workers={w}",
-                False, pydataset, "x[np.sort(perm[i*B:(i+1)*B])] on memmaps",
-                "HAND-WRITTEN PYDATASET"),
-        Variant("recipe", "from_tensor_slices(x, y).shuffle(10k).batch.prefetch", False,
-                recipe, "the tf.data recipe over the memmap", "FROM_TENSOR_SLICES RECIPE"),
+        Variant(
+            "step",
+            "pure step: one in-memory batch repeated (limit)",
+            False,
+            step_only,
+            "tf.data.Dataset.from_tensors(batch).repeat()",
+            "PURE STEP (LIMIT)",
+        ),
+        Variant(
+            "gather",
+            "bare np.take of the same rows in tf.data (limit)",
+            False,
+            gather_limit,
+            f"precomputed indices, {w} parallel numpy_function "
+            "calls: no sampling, no checks",
+            "BARE GATHER IN TF.DATA (LIMIT)",
+        ),
+        Variant(
+            "ours_ds",
+            f"ours: fit(BigArrayDataset), global, workers={w}",
+            True,
+            ours_ds,
+            "the DataAdapter path",
+            "OURS FIT(DS)",
+        ),
+        Variant(
+            "ours_tf",
+            "ours: fit(ds.to_tf_dataset()), global",
+            True,
+            ours_tf,
+            "tf.data, parallel reads",
+            "OURS FIT(DS.TO_TF_DATASET())",
+        ),
+        Variant(
+            "memmap",
+            "model.fit(memmap, shuffle=True)",
+            False,
+            memmap,
+            "Keras copies the array into memory first",
+            "FIT(MEMMAP)",
+        ),
+        Variant(
+            "pydataset",
+            f"hand-written PyDataset, sorted random gathers, workers={w}",
+            False,
+            pydataset,
+            "x[np.sort(perm[i*B:(i+1)*B])] on memmaps",
+            "HAND-WRITTEN PYDATASET",
+        ),
+        Variant(
+            "recipe",
+            "from_tensor_slices(x, y).shuffle(10k).batch.prefetch",
+            False,
+            recipe,
+            "the tf.data recipe over the memmap",
+            "FROM_TENSOR_SLICES RECIPE",
+        ),
     ]
     interleave(case, variants, cfg.fit_repeats)
     gc.collect()
     return case
 
 
-# ---- peak memory, in a fresh process per measurement -----------------------------------
+# ---- peak memory, in a fresh process per measurement ---------------------------------
 
 # Keras copies a memmap given to fit into memory, about 3.2 arrays at the peak
 # (DESIGN.md: a 2 GB memmap peaked at 6.4 GB of RSS): run it only with room.
@@ -540,8 +710,15 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     n, B = spec["rows"], spec["batch_size"]
     if spec["variant"] == "ours":
         inputs: tuple[Any, ...] = (
-            _dataset(spec["x"], spec["y"], batch_size=B, shuffle=True, seed=SEED,
-                     rows=slice(0, n), workers=spec["workers"]),
+            _dataset(
+                spec["x"],
+                spec["y"],
+                batch_size=B,
+                shuffle=True,
+                seed=SEED,
+                rows=slice(0, n),
+                workers=spec["workers"],
+            ),
         )
         kw: dict[str, Any] = {}
     else:
@@ -568,7 +745,8 @@ def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
     run_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py")
     proc = subprocess.run(
         [sys.executable, run_py, "--child-memory", json.dumps(spec)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -595,7 +773,9 @@ def case_memory(cfg: Config) -> CaseResult:
         "sizes are the first rows of one file.",
     )
     x_path = os.path.join(cfg.data_dir, f"memory_{rows_max}x{_data.FEATURES}_f32.npy")
-    why = _data.need_free_bytes(cfg.data_dir, rows_max * _data.ROW_NBYTES, "the memory case")
+    why = _data.need_free_bytes(
+        cfg.data_dir, rows_max * _data.ROW_NBYTES, "the memory case"
+    )
     if why and not os.path.exists(x_path):
         case.skipped = why
         return case
@@ -606,21 +786,39 @@ def case_memory(cfg: Config) -> CaseResult:
             n = _data.rows_for(size, B)
             nbytes = n * _data.ROW_NBYTES
             for variant in ("ours", "keras"):
-                label = "ours: fit(BigArrayDataset)" if variant == "ours" else "model.fit(memmap)"
-                row: dict[str, Any] = {"variant": label, "key": variant, "size": nbytes,
-                                       "round": r + 1}
+                label = (
+                    "ours: fit(BigArrayDataset)"
+                    if variant == "ours"
+                    else "model.fit(memmap)"
+                )
+                row: dict[str, Any] = {
+                    "variant": label,
+                    "key": variant,
+                    "size": nbytes,
+                    "round": r + 1,
+                }
                 need = KERAS_MEMMAP_PEAK_FACTOR * nbytes + (1 << 30)
                 avail = available_memory()
                 if variant == "keras" and avail is not None and need > avail:
                     row["skipped"] = (
-                        f"needs about {format_bytes(need)} ({KERAS_MEMMAP_PEAK_FACTOR}x "
+                        f"needs about {format_bytes(need)} "
+                        f"({KERAS_MEMMAP_PEAK_FACTOR}x "
                         f"the array + 1 GiB), {format_bytes(avail)} available"
                     )
-                    log(f"  memory {format_bytes(nbytes)} | {label}: skipped, {row['skipped']}")
+                    log(
+                        f"  memory {format_bytes(nbytes)} | {label}: skipped, "
+                        f"{row['skipped']}"
+                    )
                     table.append(row)
                     continue
-                spec = {"variant": variant, "x": pair.x, "y": pair.y, "rows": n,
-                        "batch_size": B, "workers": cfg.workers}
+                spec = {
+                    "variant": variant,
+                    "x": pair.x,
+                    "y": pair.y,
+                    "rows": n,
+                    "batch_size": B,
+                    "workers": cfg.workers,
+                }
                 try:
                     got = _run_child(spec)
                 except Exception as e:  # noqa: BLE001
@@ -640,7 +838,7 @@ def case_memory(cfg: Config) -> CaseResult:
     return case
 
 
-# ---- GPU ----------------------------------------------------------------------------
+# ---- GPU -----------------------------------------------------------------------------
 
 
 def case_gpu(cfg: Config) -> CaseResult:
@@ -676,28 +874,48 @@ def case_gpu(cfg: Config) -> CaseResult:
         return Measurement(timer.times[1], steps * B, steps * B * rb)
 
     def on_device(_r: int) -> Measurement:
-        return measure(lambda: tf.data.Dataset.from_tensors((bx, by)).repeat(),
-                       {"steps_per_epoch": steps})
+        return measure(
+            lambda: tf.data.Dataset.from_tensors((bx, by)).repeat(),
+            {"steps_per_epoch": steps},
+        )
 
     def prefetched(_r: int) -> Measurement:
         return measure(
-            lambda: _dataset(pair.x, pair.y, batch_size=B, shuffle=True, seed=SEED,
-                             rows=slice(0, n), workers=cfg.workers)
-            .to_tf_dataset(device="/gpu:0"),
+            lambda: _dataset(
+                pair.x,
+                pair.y,
+                batch_size=B,
+                shuffle=True,
+                seed=SEED,
+                rows=slice(0, n),
+                workers=cfg.workers,
+            ).to_tf_dataset(device="/gpu:0"),
             {},
         )
 
     variants = [
-        Variant("on_device", "data already on the GPU (limit)", False, on_device,
-                "one batch on /gpu:0, repeated", "DATA ON DEVICE"),
-        Variant("ours_device", "ours: to_tf_dataset(device='/gpu:0')", True, prefetched,
-                "prefetch_to_device", "OURS DEVICE PREFETCH"),
+        Variant(
+            "on_device",
+            "data already on the GPU (limit)",
+            False,
+            on_device,
+            "one batch on /gpu:0, repeated",
+            "DATA ON DEVICE",
+        ),
+        Variant(
+            "ours_device",
+            "ours: to_tf_dataset(device='/gpu:0')",
+            True,
+            prefetched,
+            "prefetch_to_device",
+            "OURS DEVICE PREFETCH",
+        ),
     ]
     case.description += f" {gpus[0].name}, {steps} steps an epoch, batch {B}."
     return interleave(case, variants, cfg.fit_repeats)
 
 
-# ---- larger than RAM ---------------------------------------------------------------------
+# ---- larger than RAM -----------------------------------------------------------------
 
 
 def case_huge(cfg: Config) -> CaseResult:
@@ -710,7 +928,9 @@ def case_huge(cfg: Config) -> CaseResult:
         "",
     )
     if not cfg.huge:
-        case.skipped = "not run (pass --huge: writes a .npy larger than this machine's RAM)"
+        case.skipped = (
+            "not run (pass --huge: writes a .npy larger than this machine's RAM)"
+        )
         return case
     B = cfg.batch_size
     ram = total_memory() or 0
@@ -743,7 +963,9 @@ def case_huge(cfg: Config) -> CaseResult:
 
     def pipeline(_r: int) -> Measurement:
         _data.evict(pair.x)
-        ds = _dataset(pair.x, batch_size=B, shuffle="block", seed=SEED, workers=cfg.workers)
+        ds = _dataset(
+            pair.x, batch_size=B, shuffle="block", seed=SEED, workers=cfg.workers
+        )
         nb = len(ds)
         limit = min(nb, disk_bytes // (B * _data.ROW_NBYTES))
         t0 = time.perf_counter()
@@ -761,8 +983,14 @@ def case_huge(cfg: Config) -> CaseResult:
         _data.evict(pair.y)
         resident = page_cache_fraction(pair.x)
         model = make_model(32)
-        ds = _dataset(pair.x, pair.y, batch_size=B, shuffle="block", seed=SEED,
-                      workers=cfg.workers)
+        ds = _dataset(
+            pair.x,
+            pair.y,
+            batch_size=B,
+            shuffle="block",
+            seed=SEED,
+            workers=cfg.workers,
+        )
         t0 = time.perf_counter()
         model.fit(ds, epochs=1, verbose=0)
         dt = time.perf_counter() - t0
@@ -771,12 +999,29 @@ def case_huge(cfg: Config) -> CaseResult:
         return Measurement(dt, rows, nbytes, {"resident_before": resident or 0.0})
 
     variants = [
-        Variant("disk", "disk sequential read (limit)", False, disk,
-                f"first {format_bytes(disk_bytes)}, cold", "DISK SEQUENTIAL READ"),
-        Variant("pipeline_block", f"ours block, iterate_epoch ({cfg.workers} threads)", True,
-                pipeline, f"first {format_bytes(disk_bytes)} of batches, cold, no training",
-                "OURS PIPELINE BLOCK"),
-        Variant("fit_block", "ours: model.fit(ds), block, one full epoch", True, fit,
-                "steps_per_execution=32, cold", "OURS FIT ONE EPOCH"),
+        Variant(
+            "disk",
+            "disk sequential read (limit)",
+            False,
+            disk,
+            f"first {format_bytes(disk_bytes)}, cold",
+            "DISK SEQUENTIAL READ",
+        ),
+        Variant(
+            "pipeline_block",
+            f"ours block, iterate_epoch ({cfg.workers} threads)",
+            True,
+            pipeline,
+            f"first {format_bytes(disk_bytes)} of batches, cold, no training",
+            "OURS PIPELINE BLOCK",
+        ),
+        Variant(
+            "fit_block",
+            "ours: model.fit(ds), block, one full epoch",
+            True,
+            fit,
+            "steps_per_execution=32, cold",
+            "OURS FIT ONE EPOCH",
+        ),
     ]
     return interleave(case, variants, 1)

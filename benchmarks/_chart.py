@@ -85,7 +85,9 @@ WHISKER = (20, 20, 20)
 
 def _glyph(ch: str) -> np.ndarray:
     rows = _FONT.get(ch.upper(), _FONT["?"])
-    bits = np.array(rows, dtype=np.uint8)[:, None] >> np.arange(4, -1, -1, dtype=np.uint8)
+    bits = np.array(rows, dtype=np.uint8)[:, None] >> np.arange(
+        4, -1, -1, dtype=np.uint8
+    )
     return (bits & 1).astype(bool)
 
 
@@ -169,8 +171,10 @@ _SCALE = 2
 def render(panels: Sequence[Panel], title: str) -> np.ndarray:
     """Draws the panels one under the other; each bar scaled to its panel's max."""
     panels = [p for p in panels if p.bars]
-    height = _MARGIN * 2 + _TITLE_H + sum(
-        _TITLE_H + _ROW_H * len(p.bars) + _MARGIN for p in panels
+    height = (
+        _MARGIN * 2
+        + _TITLE_H
+        + sum(_TITLE_H + _ROW_H * len(p.bars) + _MARGIN for p in panels)
     )
     img = np.empty((height, _WIDTH, 3), dtype=np.uint8)
     img[:] = WHITE
@@ -186,15 +190,23 @@ def render(panels: Sequence[Panel], title: str) -> np.ndarray:
         for b in p.bars:
             draw_text(img, _MARGIN, y + 5, b.label[: _LABEL_W // 12], scale=_SCALE)
             length = int(round(area * max(0.0, b.value) / top))
-            _rect(img, x_bar, y + 3, x_bar + max(1, length), y + _ROW_H - 3,
-                  OURS if b.ours else PEER)
+            _rect(
+                img,
+                x_bar,
+                y + 3,
+                x_bar + max(1, length),
+                y + _ROW_H - 3,
+                OURS if b.ours else PEER,
+            )
             lo = x_bar + int(round(area * max(0.0, b.lo) / top))
             hi = x_bar + int(round(area * max(0.0, b.hi) / top))
             mid = y + _ROW_H // 2
             _rect(img, lo, mid - 1, hi + 1, mid + 1, WHISKER)
             _rect(img, lo, mid - 5, lo + 1, mid + 5, WHISKER)
             _rect(img, hi, mid - 5, hi + 1, mid + 5, WHISKER)
-            draw_text(img, x_bar + max(length, hi - x_bar) + 8, y + 5, b.text, scale=_SCALE)
+            draw_text(
+                img, x_bar + max(length, hi - x_bar) + 8, y + 5, b.text, scale=_SCALE
+            )
             y += _ROW_H
         y += _MARGIN
     return img

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-
 from _harness import log
 
 FEATURES = 256  # float32: 1 KiB a row
@@ -35,7 +34,9 @@ GENERATOR_VERSION = 1
 
 
 def default_data_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
     return os.path.join(base, "keras-bigarray", "bench")
 
 
@@ -107,8 +108,10 @@ def write_npy(path: str, rows: int, *, labels: bool = False) -> bool:
     os.replace(tmp, path)
     _write_meta(path, meta)
     if not labels:
-        log(f"  wrote {path} ({rows * ROW_NBYTES / 1e9:.2f} GB) in "
-            f"{time.perf_counter() - t0:.1f} s")
+        log(
+            f"  wrote {path} ({rows * ROW_NBYTES / 1e9:.2f} GB) in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
     return True
 
 
@@ -124,16 +127,22 @@ def write_h5(path: str, rows: int, *, gzip: bool) -> bool:
     kw = {"compression": "gzip", "compression_opts": H5_GZIP_LEVEL} if gzip else {}
     with h5py.File(tmp, "w") as f:
         ds = f.create_dataset(
-            "x", shape=(rows, FEATURES), dtype="float32",
-            chunks=(H5_CHUNK_ROWS, FEATURES), **kw,
+            "x",
+            shape=(rows, FEATURES),
+            dtype="float32",
+            chunks=(H5_CHUNK_ROWS, FEATURES),
+            **kw,
         )
         for a in range(0, rows, WRITE_ROWS):
             b = min(rows, a + WRITE_ROWS)
             ds[a:b] = rows_chunk(pool, a, b)
     os.replace(tmp, path)
     _write_meta(path, meta)
-    log(f"  wrote {path} ({'gzip' if gzip else 'chunked, uncompressed'}, "
-        f"{os.path.getsize(path) / 1e9:.2f} GB on disk) in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"  wrote {path} ({'gzip' if gzip else 'chunked, uncompressed'}, "
+        f"{os.path.getsize(path) / 1e9:.2f} GB on disk) in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     return True
 
 

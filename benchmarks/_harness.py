@@ -128,7 +128,8 @@ def interleave(
     """
     unit = unit or case.unit
     results = [
-        VariantResult(v.key, v.name, v.ours, v.note, v.chart or v.name) for v in variants
+        VariantResult(v.key, v.name, v.ours, v.note, v.chart or v.name)
+        for v in variants
     ]
     case.variants = results
     n = len(variants)
@@ -174,7 +175,7 @@ def timed(fn: Callable[[], tuple[int, int]]) -> Measurement:
     return Measurement(time.perf_counter() - t0, rows, nbytes)
 
 
-# ---- the machine and the versions ------------------------------------------------------
+# ---- the machine and the versions ----------------------------------------------------
 
 
 def _read(path: str) -> str | None:
@@ -202,19 +203,27 @@ def disk_of(path: str) -> str:
         if len(parts) < 3:
             continue
         dev, mnt, fs = parts[0], parts[1].replace("\\040", " "), parts[2]
-        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best[1]):
+        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(
+            best[1]
+        ):
             best = (dev, mnt, fs)
     dev, mnt, fs = best
     bits = [f"{fs} on {dev} (mounted at {mnt})" if dev else "unknown file system"]
     name = os.path.basename(dev)
     if name:
-        base = name.rstrip("0123456789") if not name.startswith("nvme") else name.split("p")[0]
+        base = (
+            name.rstrip("0123456789")
+            if not name.startswith("nvme")
+            else name.split("p")[0]
+        )
         rot = _read(f"/sys/block/{base}/queue/rotational")
         model = _read(f"/sys/block/{base}/device/model")
         if model:
             bits.append(model.strip())
         if rot is not None:
-            bits.append("rotational" if rot.strip() == "1" else "non-rotational (SSD/NVMe)")
+            bits.append(
+                "rotational" if rot.strip() == "1" else "non-rotational (SSD/NVMe)"
+            )
             if base.startswith("vd"):
                 bits.append("virtio disk of a VM: the host decides the real medium")
     try:
@@ -235,15 +244,29 @@ def _version(mod: str) -> str:
         return "not installed"
 
 
+def _hdf5_version() -> str:
+    try:
+        import h5py
+
+        return str(h5py.version.hdf5_version)
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
 def git_commit(repo: str) -> str:
     try:
         out = subprocess.run(
             ["git", "-C", repo, "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         return out + (" (with uncommitted changes)" if dirty else "")
     except Exception:  # noqa: BLE001
@@ -266,12 +289,14 @@ def machine_info(data_dir: str, repo: str) -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()} ({platform.machine()})",
         "python": platform.python_version(),
         "load_average_at_start": (
-            " / ".join(f"{x:.2f}" for x in load) + " (1, 5, 15 min)" if load else "unknown"
+            " / ".join(f"{x:.2f}" for x in load) + " (1, 5, 15 min)"
+            if load
+            else "unknown"
         ),
         "versions": {
             "keras-bigarray": _version("keras_bigarray") + f", git {git_commit(repo)}",
             "numpy": _version("numpy"),
-            "h5py": _version("h5py"),
+            "h5py": _version("h5py") + f" (HDF5 {_hdf5_version()})",
             "keras": _version("keras"),
             "tensorflow": _version("tensorflow"),
         },

@@ -23,7 +23,9 @@ class TargetResult:
     limit: float | None = None  # the same ratio for the bare limit, if measured
 
 
-def _med(results: Results, case: str, key: str) -> tuple[float | None, VariantResult | None]:
+def _med(
+    results: Results, case: str, key: str
+) -> tuple[float | None, VariantResult | None]:
     c = results.get(case)
     if c is None or c.skipped:
         return None, None
@@ -34,8 +36,14 @@ def _med(results: Results, case: str, key: str) -> tuple[float | None, VariantRe
 
 
 def _ratio_target(
-    target: str, case: str, num: str, den: str | list[str], need: float,
-    *, more: bool = False, limit: str | None = None,
+    target: str,
+    case: str,
+    num: str,
+    den: str | list[str],
+    need: float,
+    *,
+    more: bool = False,
+    limit: str | None = None,
 ) -> Callable[[Results], TargetResult]:
     """`median(num) / median(den) >= need` (or `> need` with `more`).
 
@@ -59,7 +67,9 @@ def _ratio_target(
             if dv is not None and (best is None or dv > best[0]):
                 best = (dv, dvar)
         if n is None or best is None or not best[0]:
-            return TargetResult(target, "", None, needed, "not measured (a variant failed)")
+            return TargetResult(
+                target, "", None, needed, "not measured (a variant failed)"
+            )
         ratio = n / best[0]
         measured = (
             f"{fmt_rate(n, c.unit)} vs {fmt_rate(best[0], c.unit)} "
@@ -67,8 +77,14 @@ def _ratio_target(
         )
         ok = ratio > need if more else ratio >= need
         lim = _med(results, case, limit)[0] if limit else None
-        return TargetResult(target, measured, ratio, needed, "PASS" if ok else "MISS",
-                            lim / best[0] if lim else None)
+        return TargetResult(
+            target,
+            measured,
+            ratio,
+            needed,
+            "PASS" if ok else "MISS",
+            lim / best[0] if lim else None,
+        )
 
     return check
 
@@ -110,40 +126,103 @@ def _memory_target(results: Results) -> TargetResult:
 
 def _gpu_target(results: Results) -> TargetResult:
     return _ratio_target(
-        "GPU: step time within 5% of data already on the device", "gpu",
-        "ours_device", "on_device", 1 / 1.05,
+        "GPU: step time within 5% of data already on the device",
+        "gpu",
+        "ours_device",
+        "on_device",
+        1 / 1.05,
     )(results)
 
 
 TARGETS: list[Callable[[Results], TargetResult]] = [
-    _ratio_target("Pipeline, sequential >= 80% of a numpy copy", "pipeline",
-                  "reader_sequential", "copy", 0.8),
-    _ratio_target("Pipeline, global shuffle >= 90% of np.take (same indices)", "pipeline",
-                  "reader_global", "take_global", 0.9),
-    _ratio_target("Pipeline, block shuffle >= 90% of np.take (global indices)", "pipeline",
-                  "reader_block", "take_global", 0.9, limit="take_block"),
-    _ratio_target("HDF5 uncompressed, block >= 70% of h5py slicing", "hdf5_uncompressed",
-                  "reader_block", "h5py_seq", 0.7, limit="gather_block"),
-    _ratio_target("HDF5 uncompressed, global >= 20x h5py fancy indexing",
-                  "hdf5_uncompressed", "reader_global", "h5py_fancy", 20),
-    _ratio_target("HDF5 gzip, block (chunk-aligned) >= 50% of h5py slicing", "hdf5_gzip",
-                  "reader_block", "h5py_seq", 0.5),
+    _ratio_target(
+        "Pipeline, sequential >= 80% of a numpy copy",
+        "pipeline",
+        "reader_sequential",
+        "copy",
+        0.8,
+    ),
+    _ratio_target(
+        "Pipeline, global shuffle >= 90% of np.take (same indices)",
+        "pipeline",
+        "reader_global",
+        "take_global",
+        0.9,
+    ),
+    _ratio_target(
+        "Pipeline, block shuffle >= 90% of np.take (global indices)",
+        "pipeline",
+        "reader_block",
+        "take_global",
+        0.9,
+        limit="take_block",
+    ),
+    _ratio_target(
+        "HDF5 uncompressed, block >= 70% of h5py slicing",
+        "hdf5_uncompressed",
+        "reader_block",
+        "h5py_seq",
+        0.7,
+        limit="gather_block",
+    ),
+    _ratio_target(
+        "HDF5 uncompressed, global >= 20x h5py fancy indexing",
+        "hdf5_uncompressed",
+        "reader_global",
+        "h5py_fancy",
+        20,
+    ),
+    _ratio_target(
+        "HDF5 gzip, block (chunk-aligned) >= 50% of h5py slicing",
+        "hdf5_gzip",
+        "reader_block",
+        "h5py_seq",
+        0.5,
+    ),
 ]
 for _spe in (1, 32):
     TARGETS += [
-        _ratio_target(f"fit spe={_spe}: fit(ds) >= 0.9x the pure step", f"fit_spe{_spe}",
-                      "ours_ds", "step", 0.9, limit="gather"),
-        _ratio_target(f"fit spe={_spe}: fit(ds.to_tf_dataset()) >= 0.9x the pure step",
-                      f"fit_spe{_spe}", "ours_tf", "step", 0.9, limit="gather"),
-        _ratio_target(f"fit spe={_spe}: fit(ds) ahead of every peer", f"fit_spe{_spe}",
-                      "ours_ds", ["memmap", "pydataset", "recipe"], 1.0, more=True),
+        _ratio_target(
+            f"fit spe={_spe}: fit(ds) >= 0.9x the pure step",
+            f"fit_spe{_spe}",
+            "ours_ds",
+            "step",
+            0.9,
+            limit="gather",
+        ),
+        _ratio_target(
+            f"fit spe={_spe}: fit(ds.to_tf_dataset()) >= 0.9x the pure step",
+            f"fit_spe{_spe}",
+            "ours_tf",
+            "step",
+            0.9,
+            limit="gather",
+        ),
+        _ratio_target(
+            f"fit spe={_spe}: fit(ds) ahead of every peer",
+            f"fit_spe{_spe}",
+            "ours_ds",
+            ["memmap", "pydataset", "recipe"],
+            1.0,
+            more=True,
+        ),
     ]
 TARGETS += [
     _memory_target,
-    _ratio_target("Larger than RAM: fit one epoch, block >= 70% of disk sequential read",
-                  "huge", "fit_block", "disk", 0.7),
-    _ratio_target("Larger than RAM: pipeline alone, block >= 70% of disk sequential read",
-                  "huge", "pipeline_block", "disk", 0.7),
+    _ratio_target(
+        "Larger than RAM: fit one epoch, block >= 70% of disk sequential read",
+        "huge",
+        "fit_block",
+        "disk",
+        0.7,
+    ),
+    _ratio_target(
+        "Larger than RAM: pipeline alone, block >= 70% of disk sequential read",
+        "huge",
+        "pipeline_block",
+        "disk",
+        0.7,
+    ),
     _gpu_target,
 ]
 
@@ -152,12 +231,15 @@ def evaluate(results: Results) -> list[TargetResult]:
     return [t(results) for t in TARGETS]
 
 
-# ---- Markdown ---------------------------------------------------------------------------
+# ---- Markdown ------------------------------------------------------------------------
 
 # Which limit each variant is compared with in its case's table.
 _REFERENCE = {
-    "pipeline": lambda k: "copy" if k.endswith("sequential") or k == "copy" else (
-        "take_block" if k == "take_block" else "take_global"),
+    "pipeline": lambda k: (
+        "copy"
+        if k.endswith("sequential") or k == "copy"
+        else ("take_block" if k == "take_block" else "take_global")
+    ),
     "hdf5_uncompressed": lambda k: "h5py_seq",
     "hdf5_gzip": lambda k: "h5py_seq",
     "fit_spe1": lambda k: "step",
@@ -183,11 +265,12 @@ def case_markdown(c: CaseResult) -> list[str]:
     out += [c.description, ""]
     if c.table is not None:  # memory
         out += [
-            "| variant | array | baseline RssAnon | peak RssAnon | growth | growth / array | fit wall time |",
+            "| variant | array | baseline RssAnon | peak RssAnon | growth "
+            "| growth / array | fit wall time |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in c.table:
-            size = format_bytes(r["size"])
+            size = f"{format_bytes(r['size'])} ({r['size'] / 1e9:.1f} GB)"
             if "growth" in r:
                 out.append(
                     f"| {r['variant']} | {size} | {format_bytes(r['baseline'])} | "
@@ -196,7 +279,9 @@ def case_markdown(c: CaseResult) -> list[str]:
                 )
             else:
                 why = r.get("skipped") or r.get("error") or "not run"
-                out.append(f"| {r['variant']} | {size} | | | not run: {_esc(why)} | | |")
+                out.append(
+                    f"| {r['variant']} | {size} | | | not run: {_esc(why)} | | |"
+                )
         out += [""]
     else:
         ref_of = _REFERENCE.get(c.key, lambda k: c.variants[0].key)
@@ -250,8 +335,16 @@ def panels(results: Results) -> list[Panel]:
                     continue
                 g = r["growth"] / 2**20
                 who = "OURS" if r["key"] == "ours" else "FIT(MEMMAP)"
-                bars.append(Bar(f"{who} {format_bytes(r['size'])}", g, g, g,
-                                r["key"] == "ours", format_bytes(r["growth"])))
+                bars.append(
+                    Bar(
+                        f"{who} {format_bytes(r['size'])}",
+                        g,
+                        g,
+                        g,
+                        r["key"] == "ours",
+                        format_bytes(r["growth"]),
+                    )
+                )
             ps.append(Panel("PEAK MEMORY GROWTH OF FIT (LOWER IS BETTER)", bars))
             continue
         bars = []
@@ -266,8 +359,13 @@ def panels(results: Results) -> list[Panel]:
 
 
 def results_markdown(
-    results: Results, targets: list[TargetResult], machine: dict[str, Any],
-    command: str, chart_name: str | None, elapsed_s: float, config_notes: list[str],
+    results: Results,
+    targets: list[TargetResult],
+    machine: dict[str, Any],
+    command: str,
+    chart_name: str | None,
+    elapsed_s: float,
+    config_notes: list[str],
 ) -> str:
     m = machine
     lines = [
@@ -287,6 +385,9 @@ def results_markdown(
     ]
     if config_notes:
         lines += ["## Settings", ""] + [f"- {n}" for n in config_notes] + [""]
+    summary = summary_markdown(results, machine)
+    if summary:
+        lines += ["## Summary", ""] + summary
     lines += [
         "## DESIGN.md targets",
         "",
@@ -303,7 +404,8 @@ def results_markdown(
         status = f"**{t.status}**" if t.status in ("PASS", "MISS") else _esc(t.status)
         lim = "" if t.limit is None else f"{t.limit:.2f}x"
         lines.append(
-            f"| {_esc(t.target)} | {_esc(t.measured)} | {ratio} | {t.needed} | {status} "
+            f"| {_esc(t.target)} | {_esc(t.measured)} | {ratio} | {t.needed} "
+            f"| {status} "
             f"| {lim} |"
         )
     lines += [""]
@@ -329,5 +431,99 @@ def targets_text(targets: list[TargetResult]) -> str:
     for t in targets:
         ratio = "" if t.ratio is None else f"{t.ratio:8.2f}x"
         lim = f"  (bare limit {t.limit:.2f}x)" if t.limit is not None else ""
-        rows.append(f"  {t.target:<{width}}  {ratio:>9}  {t.needed:<10}  {t.status}{lim}")
+        rows.append(
+            f"  {t.target:<{width}}  {ratio:>9}  {t.needed:<10}  {t.status}{lim}"
+        )
     return "\n".join(rows)
+
+
+# ---- the summary (what the README shows) ---------------------------------------------
+
+
+def summary_markdown(results: Results, machine: dict[str, Any]) -> list[str]:
+    """A short table of the headline comparisons, for the README."""
+    from keras_bigarray._memory import format_bytes
+
+    rows: list[tuple[str, str, str, str]] = []
+
+    def pair(case: str, ours: str, peers: list[str], label: str) -> None:
+        c = results.get(case)
+        if c is None or c.skipped:
+            return
+        o = c.get(ours)
+        cands = [
+            v for v in (c.get(p) for p in peers) if v is not None and v.measurements
+        ]
+        if o is None or not o.measurements or not cands:
+            return
+        best = max(cands, key=lambda v: v.median(c.unit))
+        om, bm = o.median(c.unit), best.median(c.unit)
+        name = best.name.split(" (")[0]
+        rows.append(
+            (
+                label,
+                fmt_rate(om, c.unit),
+                f"{fmt_rate(bm, c.unit)} ({name})",
+                f"{om / bm:.2f}x",
+            )
+        )
+
+    pair(
+        "pipeline",
+        "reader_global",
+        ["take_global"],
+        ".npy in page cache, global shuffle, pipeline alone",
+    )
+    pair(
+        "hdf5_uncompressed",
+        "reader_global",
+        ["h5py_fancy"],
+        "HDF5 uncompressed, global shuffle",
+    )
+    pair("hdf5_gzip", "reader_block", ["h5py_seq"], "HDF5 gzip, block shuffle")
+    for spe in (1, 32):
+        pair(
+            f"fit_spe{spe}",
+            "ours_ds",
+            ["memmap", "pydataset", "recipe"],
+            f"model.fit, steps_per_execution={spe}",
+        )
+        pair(
+            f"fit_spe{spe}",
+            "ours_ds",
+            ["step"],
+            f"model.fit, steps_per_execution={spe}, against the pure step",
+        )
+    mem = results.get("memory")
+    if mem is not None and mem.table:
+        ours = [r for r in mem.table if r["key"] == "ours" and "growth" in r]
+        keras = [r for r in mem.table if r["key"] == "keras" and "growth" in r]
+        if ours and keras:
+            o = max(ours, key=lambda r: r["size"])
+            k = max(keras, key=lambda r: r["size"])
+            rows.append(
+                (
+                    "peak memory growth of fit (RssAnon)",
+                    f"{format_bytes(o['growth'])} for {format_bytes(o['size'])} "
+                    f"({o['growth'] / o['size']:.3f}x the array)",
+                    f"{format_bytes(k['growth'])} for {format_bytes(k['size'])} "
+                    f"({k['growth'] / k['size']:.1f}x the array; model.fit(memmap))",
+                    "",
+                )
+            )
+    huge = results.get("huge")
+    if huge is not None and not huge.skipped:
+        pair("huge", "fit_block", ["disk"], "larger than RAM, fit one epoch, block")
+    if not rows:
+        return []
+    out = [
+        f"Measured {machine['date'][:10]} on {machine['cpu']} ({machine['cores']} "
+        f"cores, {machine['ram']} RAM), "
+        f"TensorFlow {machine['versions']['tensorflow']}, "
+        "batch 1024, rows of 1 KiB:",
+        "",
+        "| case | keras-bigarray | best alternative | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    out += [f"| {a} | {b} | {_esc(c)} | {d} |" for a, b, c, d in rows]
+    return out + [""]

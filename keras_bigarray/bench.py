@@ -56,10 +56,14 @@ class _Progress:
         self.stream = stream
         self.label = label
         self.total = max(1, total)
-        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        self.tty = bool(
+            stream is not None and getattr(stream, "isatty", lambda: False)()
+        )
         self.last = 0.0
 
-    def update(self, done: int, nbytes: int, seconds: float, force: bool = False) -> None:
+    def update(
+        self, done: int, nbytes: int, seconds: float, force: bool = False
+    ) -> None:
         if self.stream is None or not self.tty:
             return
         now = time.perf_counter()
@@ -70,7 +74,8 @@ class _Progress:
         rate = nbytes / 1e6 / seconds if seconds > 0 else 0.0
         bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
         self.stream.write(
-            f"\r  {self.label:<10} [{bar}] {done}/{self.total} batches  {rate:,.0f} MB/s "
+            f"\r  {self.label:<10} [{bar}] {done}/{self.total} batches  "
+            f"{rate:,.0f} MB/s "
         )
         self.stream.flush()
 
@@ -154,7 +159,9 @@ def run_bench(
             close = getattr(batch_iter, "close", None)
             if close is not None:
                 close()
-        row = BenchRow(mode, done, got_rows, got_rows * row_nbytes, time.perf_counter() - t0)
+        row = BenchRow(
+            mode, done, got_rows, got_rows * row_nbytes, time.perf_counter() - t0
+        )
         bar.close(row)
         rows.append(row)
     return rows, notes
@@ -163,7 +170,9 @@ def run_bench(
 def format_table(rows: list[BenchRow]) -> str:
     """The result table: one line per mode, with the ratio to sequential."""
     seq = next((r for r in rows if r.mode == "sequential"), None)
-    lines = [f"{'mode':<12}{'batches':>8}{'rows/s':>14}{'MB/s':>12}{'vs sequential':>16}"]
+    lines = [
+        f"{'mode':<12}{'batches':>8}{'rows/s':>14}{'MB/s':>12}{'vs sequential':>16}"
+    ]
     for r in rows:
         vs = f"{r.rows_per_s / seq.rows_per_s:.2f}x" if seq and seq.rows_per_s else "-"
         lines.append(
@@ -176,8 +185,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `keras-bigarray bench`."""
     from keras_bigarray.cli import _positive_int, _shape
 
-    parser.add_argument("path", help="a .npy, HDF5 or raw file, a shard folder or a quoted glob")
-    parser.add_argument("--key", default=None, help="HDF5 dataset (needed when there are several)")
+    parser.add_argument(
+        "path", help="a .npy, HDF5 or raw file, a shard folder or a quoted glob"
+    )
+    parser.add_argument(
+        "--key", default=None, help="HDF5 dataset (needed when there are several)"
+    )
     parser.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -203,11 +216,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reader threads; 1 reads in the foreground (default: 1)",
     )
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
-    parser.add_argument("--dtype", default=None, help="element type of a raw file, e.g. uint8")
+    parser.add_argument(
+        "--dtype", default=None, help="element type of a raw file, e.g. uint8"
+    )
     parser.add_argument(
         "--shape", type=_shape, default=None, help="shape of a raw file, e.g. -1,28,28"
     )
-    parser.add_argument("--offset", type=int, default=0, help="header bytes of a raw file")
+    parser.add_argument(
+        "--offset", type=int, default=0, help="header bytes of a raw file"
+    )
 
 
 def main_bench(args: argparse.Namespace, out: TextIO, err: TextIO | None = None) -> int:
@@ -227,9 +244,10 @@ def main_bench(args: argparse.Namespace, out: TextIO, err: TextIO | None = None)
     if not os.path.exists(args.path) and not glob.has_magic(args.path):
         raise FileNotFoundError(f"no such file or folder: '{args.path}'")
     arr = kb.open_array(args.path, **kwargs)
-    batch = args.batch_size or recommend(
-        arr.nbytes, arr.row_nbytes, compressed=arr.compressed
-    )[2]
+    batch = (
+        args.batch_size
+        or recommend(arr.nbytes, arr.row_nbytes, compressed=arr.compressed)[2]
+    )
     files = _files_of(arr)
     cached = _cached_fraction(files) if files else None
     where = args.path if args.key is None else f"{args.path} [{args.key}]"
@@ -241,7 +259,10 @@ def main_bench(args: argparse.Namespace, out: TextIO, err: TextIO | None = None)
         file=out,
     )
     if cached is not None:
-        print(f"page cache: {100 * cached:.0f}% of the file(s) resident at the start", file=out)
+        print(
+            f"page cache: {100 * cached:.0f}% of the file(s) resident at the start",
+            file=out,
+        )
     out.flush()
     rows, notes = run_bench(
         arr,
