@@ -214,10 +214,15 @@ class HDF5Array(BigArray):
         raw = self._file_bytes()
         if width == 0:
             return np.empty((idx.size, *self.shape[1:]), dtype=self.dtype)
-        view = np.lib.stride_tricks.as_strided(
-            raw, shape=(raw.size - width + 1, width), strides=(1, 1), writeable=False
+        # Every byte offset as one `width`-byte item: a gather copies each row
+        # with one memcpy (a (n, width) uint8 view copies byte by byte).
+        rows_at = np.ndarray(
+            shape=(raw.size - width + 1,),
+            dtype=np.dtype((np.void, width)),
+            buffer=raw,
+            strides=(1,),
         )
-        out = view[where]
+        out = rows_at[where]
         return out.view(self.dtype).reshape(idx.size, *self.shape[1:])
 
     def _read_range(self, start: int, stop: int) -> np.ndarray:

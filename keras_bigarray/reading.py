@@ -60,7 +60,7 @@ class BatchReader:
 
         def load(src: BigArray, path: str) -> np.ndarray:
             try:
-                got = src.read_sorted(rows)
+                got = src.read_sorted(rows, unique=True)  # sampler rows never repeat
             except Exception as e:
                 raise BatchReadError(
                     f"reading batch {index} of epoch {epoch} from {path or 'x'} = "

@@ -267,17 +267,19 @@ class Sampler:
         self._cache: dict[tuple[int, int], list[np.ndarray]] = {}
         self._perms: dict[tuple[int, int], Permutation] = {}
         self._lock = threading.Lock()
+        self._compute_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cache"] = {}
         state["_perms"] = {}
-        del state["_lock"]
+        del state["_lock"], state["_compute_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._compute_lock = threading.Lock()
 
     @property
     def num_batches(self) -> int:
@@ -356,6 +358,16 @@ class Sampler:
         got = self._cache.get(key)
         if got is not None:
             return got
+        # Reader threads asking for batches of one chunk wait for one thread to
+        # compute it rather than each computing it again.
+        with self._compute_lock:
+            got = self._cache.get(key)
+            if got is None:
+                got = self._compute_sorted_batches(epoch, c)
+        return got
+
+    def _compute_sorted_batches(self, epoch: int, c: int) -> list[np.ndarray]:
+        key = (epoch, c)
         b = self.batch_size
         per = max(1, _CHUNK // b)
         length = self.layout.lengths[self.shard_index]
