@@ -24,6 +24,16 @@ def _all_batches_full(ds: BigArrayDataset) -> bool:
     return all(n % ds.batch_size == 0 for n in ds.sampler.layout.lengths)
 
 
+def _as_tuples(s: Any) -> Any:
+    # tf.data reads a Python list as one tensor to stack, not as a structure:
+    # `y=[y1, y2]` for a two-output model must travel as a tuple.
+    if isinstance(s, dict):
+        return {k: _as_tuples(v) for k, v in s.items()}
+    if isinstance(s, (list, tuple)):
+        return tuple(_as_tuples(v) for v in s)
+    return s
+
+
 def element_spec(ds: BigArrayDataset) -> tuple[Any, ...]:
     """The `tf.TensorSpec` structure of one batch, from metadata alone."""
     b = ds.batch_size if _all_batches_full(ds) else None
@@ -45,10 +55,10 @@ def element_spec(ds: BigArrayDataset) -> tuple[Any, ...]:
                 sw,
             )
     if sw is not None and y is not None:
-        return (x, y, sw)
+        return _as_tuples((x, y, sw))
     if y is not None:
-        return (x, y)
-    return (x,)
+        return _as_tuples((x, y))
+    return _as_tuples((x,))
 
 
 def to_tf_dataset(
@@ -99,7 +109,7 @@ def to_tf_dataset(
     if ds.use_multiprocessing:
         # Worker processes read; tf.data only carries their batches in order.
         batches = tf.data.Dataset.from_generator(
-            lambda: (b[: len(spec)] for b in ds.iterate_epoch()),
+            lambda: (_as_tuples(b[: len(spec)]) for b in ds.iterate_epoch()),
             output_signature=spec,
         )
         return _finish(ds, batches, n, device)

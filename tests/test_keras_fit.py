@@ -129,3 +129,19 @@ def test_sharded_tf_dataset_turns_auto_shard_off():
     ds = kb.BigArrayDataset(np.zeros((40, 1)), batch_size=4, num_shards=2, shard_index=1)
     policy = ds.to_tf_dataset().options().experimental_distribute.auto_shard_policy
     assert policy == tf.data.experimental.AutoShardPolicy.OFF
+
+
+@pytest.mark.parametrize("mp", [False, True])
+def test_list_targets_reach_a_two_output_model(mp):
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, [keras.layers.Dense(1)(inputs), keras.layers.Dense(2)(inputs)])
+    model.compile("sgd", ["mse", "mse"])
+    ds = kb.BigArrayDataset(
+        indexed_rows(N), [np.zeros((N, 1), "float32"), np.zeros((N, 2), "float32")],
+        batch_size=8, seed=0, workers=2 if mp else 1, use_multiprocessing=mp,
+        mp_context="spawn" if mp else None,
+    )
+    spec = ds.to_tf_dataset().element_spec
+    assert isinstance(spec[1], tuple) and len(spec[1]) == 2
+    hist = model.fit(ds, epochs=1, verbose=0)
+    assert np.isfinite(hist.history["loss"][0])
