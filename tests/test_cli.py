@@ -404,12 +404,6 @@ def test_inspect_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.xfail(
-    reason="sources._read_npy_header calls np.lib.format._read_array_header, "
-    "absent in numpy 2.4: an unknown .npy version raises AttributeError",
-    raises=AttributeError,
-    strict=False,
-)
 def test_inspect_npy_of_unknown_version(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
