@@ -577,37 +577,22 @@ def case_fit(cfg: Config, spe: int) -> CaseResult:
 
         return measure(make, {})
 
-    def ours_ds(_r: int) -> Measurement:
-        return measure(
-            lambda: (
-                _dataset(
-                    pair.x,
-                    pair.y,
-                    batch_size=B,
-                    shuffle=True,
-                    seed=SEED,
-                    rows=slice(0, n),
-                    workers=cfg.workers,
-                ),
-            ),
-            {},
+    def ours() -> Any:
+        return _dataset(
+            pair.x,
+            pair.y,
+            batch_size=B,
+            shuffle=True,
+            seed=SEED,
+            rows=slice(0, n),
+            workers=cfg.workers,
         )
 
+    def ours_ds(_r: int) -> Measurement:
+        return measure(lambda: (ours(),), {})
+
     def ours_tf(_r: int) -> Measurement:
-        return measure(
-            lambda: (
-                _dataset(
-                    pair.x,
-                    pair.y,
-                    batch_size=B,
-                    shuffle=True,
-                    seed=SEED,
-                    rows=slice(0, n),
-                    workers=cfg.workers,
-                ).to_tf_dataset(),
-            ),
-            {},
-        )
+        return measure(lambda: (ours().to_tf_dataset(),), {})
 
     def memmap(_r: int) -> Measurement:
         return measure(lambda: (xm[:n], ym[:n]), {"batch_size": B, "shuffle": True})

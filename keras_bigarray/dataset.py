@@ -121,6 +121,9 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
             `"forkserver"`); None uses Python's default, as Keras does. Sources
             reopen in each worker, so all three work with HDF5; with spawn and
             forkserver the script needs an `if __name__ == "__main__":` guard.
+        prefetch_to_device: under the TensorFlow backend, `model.fit(ds)`
+            prefetches batches to this device (e.g. `"/gpu:0"`); Keras does no
+            device prefetch of its own without a distribution strategy.
 
     Raises:
         ValueError, TypeError: at construction, for any bad argument or source,
@@ -157,6 +160,7 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
         block_rows: int | None = None,
         shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
         mp_context: str | None = None,
+        prefetch_to_device: str | None = None,
     ):
         super().__init__(
             workers=_check_int("workers", workers, 0),
@@ -202,6 +206,7 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
             else _check_int("block_rows", block_rows, 1)
         )
         self.mp_context = mp_context
+        self.prefetch_to_device = prefetch_to_device
         if mp_context is not None and mp_context not in multiprocessing.get_all_start_methods():
             raise ValueError(
                 f"mp_context must be one of {multiprocessing.get_all_start_methods()}, "
@@ -341,6 +346,7 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
             block_rows=self.block_rows,
             shuffle_window=self.shuffle_window,
             mp_context=self.mp_context,
+            prefetch_to_device=self.prefetch_to_device,
         )
 
     def replace(self, **changes: Any) -> BigArrayDataset:
@@ -458,7 +464,7 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
     def get_tf_dataset(self) -> Any:
         from keras_bigarray import tf_data
 
-        return tf_data.to_tf_dataset(self)
+        return tf_data.to_tf_dataset(self, device=self.prefetch_to_device)
 
     def to_tf_dataset(self, *, device: str | None = None, num_parallel_reads: int | None = None) -> Any:
         """A `tf.data.Dataset` of this dataset's batches; see `tf_data.to_tf_dataset`."""

@@ -30,6 +30,10 @@ CASES = {
         ["--rows", "3000", "--epochs", "1"],
         ["normalization:", "evaluate:", "predict: 300 rows"],
     ),
+    "tf_data.py": (
+        ["--rows", "3000", "--epochs", "1"],
+        ["a batch is on", "MirroredStrategy over 2 replicas", "distribute_dataset"],
+    ),
     "multi_worker.py": (
         ["--rows", "3000", "--epochs", "2"],
         ["worker 1: 24 steps", "rows trained per epoch, summed over workers: [3000, 3000]"],

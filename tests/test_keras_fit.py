@@ -3,6 +3,8 @@ order kept by fit, a new order each epoch, workers, and the tf.data path."""
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -145,3 +147,16 @@ def test_list_targets_reach_a_two_output_model(mp):
     assert isinstance(spec[1], tuple) and len(spec[1]) == 2
     hist = model.fit(ds, epochs=1, verbose=0)
     assert np.isfinite(hist.history["loss"][0])
+
+
+def test_fit_with_prefetch_to_device_counts_its_steps():
+    ds = kb.BigArrayDataset(
+        indexed_rows(N), np.zeros((N, 2), "float32"), batch_size=8, seed=0,
+        prefetch_to_device="/cpu:0",
+    )
+    assert ds.replace(batch_size=4).prefetch_to_device == "/cpu:0"
+    model = small_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "input ran out of data"
+        hist = model.fit(ds, epochs=2, verbose=0)
+    assert len(hist.history["loss"]) == 2
