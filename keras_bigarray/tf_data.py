@@ -71,8 +71,9 @@ def to_tf_dataset(
 
     Each full iteration reads the next epoch (a new order under shuffling), so
     `model.fit(tfds, epochs=3)` reshuffles without help. Batches are read by
-    `num_parallel_reads` parallel calls (default: tf.data's autotuning) and
-    delivered in order. A dataset that is one of several shards
+    `num_parallel_reads` parallel calls (default: `max(2, ds.workers)`),
+    delivered in order, at most `ds.max_queue_size` ahead: memory is bounded
+    by the queue, whatever the size of the array. A dataset that is one of several shards
     (`num_shards > 1`) turns TensorFlow's auto-sharding off: it is sharded
     already.
 
@@ -80,7 +81,7 @@ def to_tf_dataset(
         ds: the `BigArrayDataset`.
         device: prefetch batches to this device (e.g. `"/gpu:0"`); must be the
             last transformation, so apply nothing after it.
-        num_parallel_reads: batches read at once; None autotunes.
+        num_parallel_reads: batches read at once; None: `max(2, ds.workers)`.
 
     Returns:
         A `tf.data.Dataset` whose elements are `(x,)`, `(x, y)` or
@@ -122,8 +123,7 @@ def to_tf_dataset(
     )
     batches = indices.map(
         read_op,
-        num_parallel_calls=num_parallel_reads
-        or (ds.workers if ds.workers > 1 else tf.data.AUTOTUNE),
+        num_parallel_calls=num_parallel_reads or max(2, ds.workers),
         deterministic=True,
     )
     return _finish(ds, batches, n, device)
@@ -139,7 +139,10 @@ def _finish(
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.OFF
         )
-    batches = batches.with_options(options).prefetch(tf.data.AUTOTUNE)
+    # A fixed queue, not AUTOTUNE: tf.data's autotuner grows its buffers over a
+    # long epoch, so memory would grow with the array. max_queue_size batches
+    # ahead of the step keep a reader busy while the step runs.
+    batches = batches.with_options(options).prefetch(ds.max_queue_size)
     if device is not None:
         batches = batches.apply(tf.data.experimental.prefetch_to_device(device))
     return batches
