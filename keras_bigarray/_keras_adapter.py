@@ -1,8 +1,9 @@
 """Keras's private `DataAdapter` class, guarded: `model.fit` passes a `DataAdapter`
 instance straight through, so a `BigArrayDataset` that is one keeps its own batch
 order (Keras would otherwise reorder a PyDataset's batches with `random`).
-Keras passes adapters through since 3.7 (tested: 3.15); elsewhere the dataset is a
-plain PyDataset, still exactly-once per epoch, in the batch order Keras picks."""
+Keras passes adapters through since 3.7. The project requires 3.12, the oldest
+release its whole Keras-facing suite passed on (3.12.0 and 3.15.1 tested); where the
+import fails the dataset is a plain PyDataset, still exactly-once per epoch."""
 
 from __future__ import annotations
 

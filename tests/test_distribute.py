@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent(
             self.total.assign_add(keras.ops.sum(ids))
 
         def result(self):
-            return self.total
+            return self.total * 1.0
 
     x = np.repeat(np.arange(n, dtype="float32")[:, None], 4, axis=1)
     y = np.arange(n, dtype="float32")[:, None]
@@ -57,7 +57,8 @@ SCRIPT = textwrap.dedent(
     }[how]
     hist = model.fit(data, epochs=2, verbose=0)
     h = hist.history
-    out = [[round(s), round(c)] for s, c in zip(h["sum"], h["count"])]
+    out = [[round(float(np.asarray(s))), round(float(np.asarray(c)))]
+           for s, c in zip(h["sum"], h["count"])]
     print(json.dumps({"replicas": strategy.num_replicas_in_sync, "epochs": out}))
     """
 )
