@@ -500,17 +500,21 @@ def hand_written_pydataset(x: Any, y: Any, batch_size: int, **kw: Any) -> Any:
     return RandomGathers()
 
 
-def case_fit(cfg: Config, spe: int) -> CaseResult:
-    import tensorflow as tf
-
+def _fit_data(cfg: Config) -> tuple[int, Any, int, int, int, np.ndarray, np.ndarray]:
+    """The fit and GPU cases' data: the first fit_rows of the pipeline file."""
     B = cfg.batch_size
     rows = _data.rows_for(cfg.pipeline_bytes, B)
     pair = _data.npy_pair(cfg.data_dir, "pipeline", rows)
     n = min(rows, max(B, cfg.fit_rows // B * B))
-    steps = n // B
-    rb = _data.ROW_NBYTES
     xm = np.load(pair.x, mmap_mode="r")
     ym = np.load(pair.y, mmap_mode="r")
+    return B, pair, n, n // B, _data.ROW_NBYTES, xm, ym
+
+
+def case_fit(cfg: Config, spe: int) -> CaseResult:
+    import tensorflow as tf
+
+    B, pair, n, steps, rb, xm, ym = _fit_data(cfg)
     case = CaseResult(
         f"fit_spe{spe}",
         f"model.fit end to end, steps_per_execution={spe}",
@@ -840,14 +844,7 @@ def case_gpu(cfg: Config) -> CaseResult:
     if not gpus:
         case.skipped = "no GPU (tf.config.list_physical_devices('GPU') is empty)"
         return case
-    B = cfg.batch_size
-    rows = _data.rows_for(cfg.pipeline_bytes, B)
-    pair = _data.npy_pair(cfg.data_dir, "pipeline", rows)
-    n = min(rows, max(B, cfg.fit_rows // B * B))
-    steps = n // B
-    rb = _data.ROW_NBYTES
-    xm = np.load(pair.x, mmap_mode="r")
-    ym = np.load(pair.y, mmap_mode="r")
+    B, pair, n, steps, rb, xm, ym = _fit_data(cfg)
     with tf.device("/gpu:0"):
         bx = tf.constant(np.array(xm[:B]))
         by = tf.constant(np.array(ym[:B]))

@@ -76,7 +76,9 @@ def main() -> None:
             x_path, y_path, batch_size=args.batch_size, shuffle=True, seed=0
         )
         spec = ds.to_tf_dataset().element_spec
-        print(f"element_spec: x {spec[0].dtype.name} {spec[0].shape}, y {spec[1].shape}")
+        print(
+            f"element_spec: x {spec[0].dtype.name} {spec[0].shape}, y {spec[1].shape}"
+        )
 
         # 1. One device: fit reads through ds.to_tf_dataset(device=...), which
         # prefetches batches onto the device as its last transformation.
@@ -85,13 +87,23 @@ def main() -> None:
         first = next(iter(on_device.to_tf_dataset(device=device)))
         print(f"a batch is on {first[0].device}")
         keras.utils.set_random_seed(0)
-        fit(f"fit(ds) with prefetch_to_device={device!r}", make_model(), on_device,
-            args.rows, args.epochs)
+        fit(
+            f"fit(ds) with prefetch_to_device={device!r}",
+            make_model(),
+            on_device,
+            args.rows,
+            args.epochs,
+        )
 
         # 2. MirroredStrategy: the global batch is split over the replicas.
-        devices = [d.name for d in tf.config.list_logical_devices("GPU" if len(GPUS) > 1 else "CPU")]
+        devices = [
+            d.name
+            for d in tf.config.list_logical_devices("GPU" if len(GPUS) > 1 else "CPU")
+        ]
         strategy = tf.distribute.MirroredStrategy(devices)
-        print(f"MirroredStrategy over {strategy.num_replicas_in_sync} replicas: {devices}")
+        print(
+            f"MirroredStrategy over {strategy.num_replicas_in_sync} replicas: {devices}"
+        )
         with strategy.scope():
             keras.utils.set_random_seed(0)
             model = make_model()
@@ -101,8 +113,13 @@ def main() -> None:
         with strategy.scope():
             keras.utils.set_random_seed(0)
             model = make_model()
-        fit("MirroredStrategy, fit(kb.distribute_dataset(strategy, ds))", model,
-            kb.distribute_dataset(strategy, ds), args.rows, args.epochs)
+        fit(
+            "MirroredStrategy, fit(kb.distribute_dataset(strategy, ds))",
+            model,
+            kb.distribute_dataset(strategy, ds),
+            args.rows,
+            args.epochs,
+        )
 
 
 if __name__ == "__main__":

@@ -36,9 +36,7 @@ def _h5py():
     try:
         import h5py
     except ImportError as e:  # pragma: no cover - h5py is a dependency
-        raise ImportError(
-            "reading HDF5 needs h5py: pip install h5py"
-        ) from e
+        raise ImportError("reading HDF5 needs h5py: pip install h5py") from e
     return h5py
 
 
@@ -104,7 +102,8 @@ class HDF5Array(BigArray):
             self.dtype = _check_dtype(obj.dtype, f"'{self.path}' key {self.key!r}")
             self.chunks = obj.chunks
             self.filters = sorted(
-                str(k) for k in obj._filters  # noqa: SLF001 - h5py's filter map
+                str(k)
+                for k in obj._filters  # noqa: SLF001 - h5py's filter map
             )
             self._byte_plan = self._plan_direct_reads(obj)
         self._local = threading.local()
@@ -129,6 +128,7 @@ class HDF5Array(BigArray):
         n_chunks = -(-len(self) // rows)
         offsets = np.full(n_chunks, -1, dtype=np.int64)
         if hasattr(ds.id, "chunk_iter"):
+
             def visit(info: Any) -> None:
                 offsets[info.chunk_offset[0] // rows] = info.byte_offset
 
@@ -256,7 +256,7 @@ class HDF5Array(BigArray):
         last = np.concatenate((starts, [idx.size]))
         ds = self._dataset()
         out = np.empty((idx.size, *self.shape[1:]), dtype=self.dtype)
-        for a, b in zip(first.tolist(), last.tolist()):
+        for a, b in zip(first.tolist(), last.tolist(), strict=True):
             lo = int(chunk[a]) * rows
             hi = min(len(self), (int(chunk[b - 1]) + 1) * rows)
             block = ds[lo:hi]

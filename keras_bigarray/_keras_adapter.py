@@ -18,7 +18,13 @@ except ImportError:  # pragma: no cover - a future Keras that moved it
 
 AVAILABLE = DataAdapter is not object
 
-__all__ = ["AVAILABLE", "DataAdapter", "jax_iterator", "numpy_iterator", "torch_dataloader"]
+__all__ = [
+    "AVAILABLE",
+    "DataAdapter",
+    "jax_iterator",
+    "numpy_iterator",
+    "torch_dataloader",
+]
 
 
 def numpy_iterator(batches: Any) -> Any:

@@ -19,7 +19,7 @@ import numpy as np
 from keras_bigarray import _keras_adapter
 from keras_bigarray.reading import BatchReader, flatten, map_structure
 from keras_bigarray.sampling import Sampler, draw_seed, normalize_shuffle
-from keras_bigarray.sources import BigArray, DEFAULT_BLOCK_BYTES, open_array
+from keras_bigarray.sources import DEFAULT_BLOCK_BYTES, BigArray, open_array
 
 __all__ = ["BigArrayDataset"]
 
@@ -207,7 +207,10 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
         )
         self.mp_context = mp_context
         self.prefetch_to_device = prefetch_to_device
-        if mp_context is not None and mp_context not in multiprocessing.get_all_start_methods():
+        if (
+            mp_context is not None
+            and mp_context not in multiprocessing.get_all_start_methods()
+        ):
             raise ValueError(
                 f"mp_context must be one of {multiprocessing.get_all_start_methods()}, "
                 f"received mp_context={mp_context!r}"
@@ -235,7 +238,8 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
             )
         sampler.warn_if_rows_left_out(stacklevel=3)
         if self.shuffle == "global" and any(
-            s.compressed and len(s) > _MANY_BLOCKS * s.block_rows for s in self._sources()
+            s.compressed and len(s) > _MANY_BLOCKS * s.block_rows
+            for s in self._sources()
         ):
             warnings.warn(
                 "shuffle='global' on compressed HDF5 decodes a whole chunk for "
@@ -253,11 +257,17 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
 
     # ---- construction helpers ------------------------------------------------
     def _sources(self) -> list[BigArray]:
-        return [s for s in flatten((self.x, self.y, self.sample_weight)) if s is not None]
+        return [
+            s for s in flatten((self.x, self.y, self.sample_weight)) if s is not None
+        ]
 
     def _check_lengths(self) -> None:
         named: list[tuple[str, int]] = []
-        for part, name in ((self.x, "x"), (self.y, "y"), (self.sample_weight, "sample_weight")):
+        for part, name in (
+            (self.x, "x"),
+            (self.y, "y"),
+            (self.sample_weight, "sample_weight"),
+        ):
             if part is not None:
                 map_structure(lambda s, p: named.append((p, len(s))), part, name)
         if len({n for _, n in named}) > 1:
@@ -369,7 +379,9 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
             Nothing is copied; the two never share a row.
         """
         if not 0.0 < float(fraction) < 1.0:
-            raise ValueError(f"fraction must be in (0, 1), received fraction={fraction}")
+            raise ValueError(
+                f"fraction must be in (0, 1), received fraction={fraction}"
+            )
         start, stop = self.rows
         held = int(round((stop - start) * float(fraction)))
         if held < 1 or held >= stop - start:
@@ -392,7 +404,11 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
         # Each full iteration is the next epoch, also when Keras (or tf.data's
         # prefetch) starts the next iteration before calling on_epoch_end.
         with self._lock:
-            e = max(self._epoch, self._claimed + 1) if self._claimed >= 0 else self._epoch
+            e = (
+                max(self._epoch, self._claimed + 1)
+                if self._claimed >= 0
+                else self._epoch
+            )
             self._claimed = e
             return e
 
@@ -402,7 +418,10 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
             if self.use_multiprocessing:
                 ctx = multiprocessing.get_context(self.mp_context)
                 pool: cf.Executor = cf.ProcessPoolExecutor(
-                    workers, mp_context=ctx, initializer=_init_worker, initargs=(self._reader,)
+                    workers,
+                    mp_context=ctx,
+                    initializer=_init_worker,
+                    initargs=(self._reader,),
                 )
             else:
                 pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="bigarray")
@@ -466,11 +485,15 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
 
         return tf_data.to_tf_dataset(self, device=self.prefetch_to_device)
 
-    def to_tf_dataset(self, *, device: str | None = None, num_parallel_reads: int | None = None) -> Any:
-        """A `tf.data.Dataset` of this dataset's batches; see `tf_data.to_tf_dataset`."""
+    def to_tf_dataset(
+        self, *, device: str | None = None, num_parallel_reads: int | None = None
+    ) -> Any:
+        """A `tf.data.Dataset` of the batches; see `tf_data.to_tf_dataset`."""
         from keras_bigarray import tf_data
 
-        return tf_data.to_tf_dataset(self, device=device, num_parallel_reads=num_parallel_reads)
+        return tf_data.to_tf_dataset(
+            self, device=device, num_parallel_reads=num_parallel_reads
+        )
 
     def for_input_context(self, context: Any) -> BigArrayDataset:
         """The shard one `tf.distribute` input pipeline reads; see `tf_data`."""
@@ -480,9 +503,10 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
 
     @property
     def has_partial_batch(self) -> bool:
-        return any(
-            length % self._batch_size for length in self.sampler.layout.lengths
-        ) and not self.pad_remainder
+        return (
+            any(length % self._batch_size for length in self.sampler.layout.lengths)
+            and not self.pad_remainder
+        )
 
     @property
     def partial_batch_size(self) -> int | None:
@@ -501,4 +525,3 @@ if not _keras_adapter.AVAILABLE:  # pragma: no cover
         "shuffle=False to fit.",
         stacklevel=2,
     )
-

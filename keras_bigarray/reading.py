@@ -47,7 +47,9 @@ class BatchReader:
         row_offset: added to every sampled row (a dataset over rows `a:b`).
     """
 
-    def __init__(self, data: tuple[Any, Any, Any], sampler: Sampler, row_offset: int = 0):
+    def __init__(
+        self, data: tuple[Any, Any, Any], sampler: Sampler, row_offset: int = 0
+    ):
         self.data = data
         self.sampler = sampler
         self.row_offset = int(row_offset)

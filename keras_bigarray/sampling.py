@@ -98,7 +98,9 @@ class Permutation:
         self.keys = [np.uint64(k) for k in keys]
         # Up to 2**32 rows a half holds at most 2**16 values: rounds then run in
         # uint32 (SIMD-wide in numpy, no division), ~3x faster than uint64.
-        self._keys32 = [np.uint32((int(k) ^ (int(k) >> 32)) & 0xFFFFFFFF) for k in self.keys]
+        self._keys32 = [
+            np.uint32((int(k) ^ (int(k) >> 32)) & 0xFFFFFFFF) for k in self.keys
+        ]
 
     def _rounds32(self, x: np.ndarray, inverse: bool) -> np.ndarray:
         a = self.a
@@ -335,7 +337,7 @@ class Sampler:
         window_keys = _keys(self.seed, epoch, 2)
         # Positions are ascending, so each window's positions are one slice.
         cuts = np.flatnonzero(np.diff(win)) + 1
-        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), pos.size]):
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), pos.size], strict=True):
             wi = int(win[a])
             nblk = min(w, nblocks - wi * w)
             length = nblk * br - (hole if wi == w_star else 0)
@@ -378,7 +380,9 @@ class Sampler:
         small = self.num_rows <= 1 << 32
         full = (rows.size // b) * b
         head = rows[:full].reshape(-1, b)
-        head = np.sort(head.astype(np.uint32) if small else head, axis=1).astype(np.int64)
+        head = np.sort(head.astype(np.uint32) if small else head, axis=1).astype(
+            np.int64
+        )
         batches = list(head)
         if full < rows.size:
             batches.append(np.sort(rows[full:]))

@@ -102,7 +102,7 @@ class BigArray(abc.ABC):
             return self._read_range(int(starts[0]), int(stops[0]))
         out = np.empty((idx.size, *self.shape[1:]), dtype=self.dtype)
         pos = 0
-        for a, b in zip(starts.tolist(), stops.tolist()):
+        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
             out[pos : pos + b - a] = self._read_range(a, b)
             pos += b - a
         return out
@@ -220,7 +220,8 @@ class BigArray(abc.ABC):
             yield from self._read_range(start, min(start + step, len(self)))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._where()}, shape={self.shape}, dtype={self.dtype})"
+        name = type(self).__name__
+        return f"{name}({self._where()}, shape={self.shape}, dtype={self.dtype})"
 
     def _where(self) -> str:
         return "<memory>"
@@ -671,9 +672,7 @@ def open_array(
         return _open_path(os.fspath(source), key, dtype, shape, offset)
     if key is not None or raw_args:
         what = "key=" if key is not None else "dtype=, shape= and offset="
-        raise ValueError(
-            f"{what} apply to a path; received a {type(source).__name__}."
-        )
+        raise ValueError(f"{what} apply to a path; received a {type(source).__name__}.")
     if isinstance(source, (list, tuple)):
         if not source:
             raise ValueError("open_array received an empty list of shards")
@@ -718,7 +717,9 @@ def _open_path(
         raise FileNotFoundError(f"no such file: '{path}'")
     if dtype is not None:
         if key is not None:
-            raise ValueError("key= is for HDF5 files and dtype= for raw files; pass one")
+            raise ValueError(
+                "key= is for HDF5 files and dtype= for raw files; pass one"
+            )
         return RawArray(path, dtype, shape, offset)
     if shape is not None or offset:
         raise ValueError(

@@ -50,7 +50,8 @@ def element_spec(ds: BigArrayDataset) -> tuple[Any, ...]:
         else:
             sw = map_structure(
                 lambda s, _: tf.TensorSpec(
-                    s.shape, tf.as_dtype(np.result_type(s.dtype.as_numpy_dtype, np.float32))
+                    s.shape,
+                    tf.as_dtype(np.result_type(s.dtype.as_numpy_dtype, np.float32)),
                 ),
                 sw,
             )
@@ -73,9 +74,9 @@ def to_tf_dataset(
     `model.fit(tfds, epochs=3)` reshuffles without help. Batches are read by
     `num_parallel_reads` parallel calls (default: `max(2, ds.workers)`),
     delivered in order, at most `ds.max_queue_size` ahead: memory is bounded
-    by the queue, whatever the size of the array. A dataset that is one of several shards
-    (`num_shards > 1`) turns TensorFlow's auto-sharding off: it is sharded
-    already.
+    by the queue, whatever the size of the array. A dataset that is one of
+    several shards (`num_shards > 1`) turns TensorFlow's auto-sharding off: it
+    is sharded already.
 
     Args:
         ds: the `BigArrayDataset`.
@@ -102,7 +103,7 @@ def to_tf_dataset(
 
     def read_op(epoch: tf.Tensor, index: tf.Tensor) -> Any:
         leaves = tf.numpy_function(read, [epoch, index], tout, name="bigarray_read")
-        for t, s in zip(leaves, flat_spec):
+        for t, s in zip(leaves, flat_spec, strict=True):
             t.set_shape(s.shape)
         it = iter(leaves)
         return map_structure(lambda _s, _p: next(it), spec)
@@ -118,9 +119,7 @@ def to_tf_dataset(
     epochs = tf.data.Dataset.from_tensors(np.int64(0)).map(
         lambda _: tf.numpy_function(claim, [], tf.int64, stateful=True)
     )
-    indices = epochs.flat_map(
-        lambda e: tf.data.Dataset.range(n).map(lambda i: (e, i))
-    )
+    indices = epochs.flat_map(lambda e: tf.data.Dataset.range(n).map(lambda i: (e, i)))
     batches = indices.map(
         read_op,
         num_parallel_calls=num_parallel_reads or max(2, ds.workers),
@@ -148,7 +147,9 @@ def _finish(
     return batches
 
 
-def for_input_context(ds: BigArrayDataset, context: tf.distribute.InputContext) -> BigArrayDataset:
+def for_input_context(
+    ds: BigArrayDataset, context: tf.distribute.InputContext
+) -> BigArrayDataset:
     """The part of `ds` that one `tf.distribute` input pipeline reads.
 
     `ds.batch_size` is the global batch. The result is shard

@@ -28,7 +28,9 @@ SOURCE_KINDS = [
 ]
 
 
-def indexed_rows(n: int, row_shape: tuple[int, ...] = (3,), dtype: Any = "float32") -> np.ndarray:
+def indexed_rows(
+    n: int, row_shape: tuple[int, ...] = (3,), dtype: Any = "float32"
+) -> np.ndarray:
     """`n` rows whose every element is the row's index plus its position / 1000."""
     dtype = np.dtype(dtype)
     base = np.arange(n, dtype=np.float64).reshape((n,) + (1,) * len(row_shape))
@@ -42,11 +44,15 @@ def indexed_rows(n: int, row_shape: tuple[int, ...] = (3,), dtype: Any = "float3
 def row_ids(batch: np.ndarray) -> np.ndarray:
     """The row index stored in each row of a batch."""
     b = np.asarray(batch)
-    return b.reshape(b.shape[0], -1)[:, 0].astype(np.int64) if b.ndim > 1 else b.astype(np.int64)
+    return (
+        b.reshape(b.shape[0], -1)[:, 0].astype(np.int64)
+        if b.ndim > 1
+        else b.astype(np.int64)
+    )
 
 
 def make_source(kind: str, tmp_path: Path, data: np.ndarray, name: str = "x") -> Any:
-    """Writes `data` as source `kind` under `tmp_path`; returns what open_array takes."""
+    """Writes `data` as source `kind` in `tmp_path`; returns what open_array takes."""
     if kind == "npy":
         p = tmp_path / f"{name}.npy"
         np.save(p, data)
@@ -85,8 +91,11 @@ def make_source(kind: str, tmp_path: Path, data: np.ndarray, name: str = "x") ->
     if kind == "zarr":
         zarr = pytest.importorskip("zarr")
         z = zarr.open_array(
-            str(tmp_path / f"{name}.zarr"), mode="w", shape=data.shape,
-            chunks=(5, *data.shape[1:]), dtype=data.dtype,
+            str(tmp_path / f"{name}.zarr"),
+            mode="w",
+            shape=data.shape,
+            chunks=(5, *data.shape[1:]),
+            dtype=data.dtype,
         )
         z[:] = data
         return z

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import SOURCE_KINDS, indexed_rows, make_source, open_kind, row_ids
+from conftest import indexed_rows, make_source, open_kind, row_ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -62,7 +62,11 @@ def test_every_row_once_for_every_source_kind(tmp_path, source_kind, shuffle):
 
 
 @pytest.mark.parametrize("kind", ["npy", "h5_gzip", "shards"])
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     n=st.integers(1, 120),
     batch_size=st.integers(1, 40),
@@ -74,7 +78,19 @@ def test_every_row_once_for_every_source_kind(tmp_path, source_kind, shuffle):
     block_rows=st.integers(1, 9),
     window=st.integers(1, 4),
 )
-def test_exactly_once_property(tmp_path_factory, kind, n, batch_size, shuffle, num_shards, drop, pad, seed, block_rows, window):
+def test_exactly_once_property(
+    tmp_path_factory,
+    kind,
+    n,
+    batch_size,
+    shuffle,
+    num_shards,
+    drop,
+    pad,
+    seed,
+    block_rows,
+    window,
+):
     if drop and pad:
         pad = False
     tmp = tmp_path_factory.mktemp("p")
@@ -86,10 +102,17 @@ def test_exactly_once_property(tmp_path_factory, kind, n, batch_size, shuffle, n
             for k in range(num_shards):
                 shards.append(
                     kb.BigArrayDataset(
-                        x, np.arange(n), batch_size=batch_size, shuffle=shuffle,
-                        seed=seed, drop_remainder=drop, pad_remainder=pad,
-                        num_shards=num_shards, shard_index=k,
-                        block_rows=block_rows, shuffle_window=window,
+                        x,
+                        np.arange(n),
+                        batch_size=batch_size,
+                        shuffle=shuffle,
+                        seed=seed,
+                        drop_remainder=drop,
+                        pad_remainder=pad,
+                        num_shards=num_shards,
+                        shard_index=k,
+                        block_rows=block_rows,
+                        shuffle_window=window,
                     )
                 )
         except ValueError as e:
@@ -152,8 +175,14 @@ def test_workers_give_the_same_batches(tmp_path, workers, mp, ctx):
     x = kb.open_array(src["source"], key=src["key"])
     ref = kb.BigArrayDataset(x, np.arange(N), batch_size=5, shuffle=True, seed=11)
     par = kb.BigArrayDataset(
-        x, np.arange(N), batch_size=5, shuffle=True, seed=11,
-        workers=workers, use_multiprocessing=mp, mp_context=ctx,
+        x,
+        np.arange(N),
+        batch_size=5,
+        shuffle=True,
+        seed=11,
+        workers=workers,
+        use_multiprocessing=mp,
+        mp_context=ctx,
     )
     for e in range(2):
         want = [t[1].tolist() for t in ref.iterate_epoch(e)]
@@ -163,7 +192,9 @@ def test_workers_give_the_same_batches(tmp_path, workers, mp, ctx):
 
 
 def test_epochs_advance_with_on_epoch_end_and_iteration(tmp_path):
-    ds = kb.BigArrayDataset(np.arange(40).reshape(40, 1), np.arange(40), batch_size=8, seed=2)
+    ds = kb.BigArrayDataset(
+        np.arange(40).reshape(40, 1), np.arange(40), batch_size=8, seed=2
+    )
     first = [ds[i][1].tolist() for i in range(len(ds))]
     ds.on_epoch_end()
     assert ds.epoch == 1
@@ -192,7 +223,9 @@ def test_multi_input_and_output_structures(tmp_path):
         {"a": str(tmp_path / "a.npy"), "b": b},
         (np.arange(N), indexed_rows(N, (1,), "float64")),
         np.ones(N, dtype="float32"),
-        batch_size=16, shuffle=True, seed=0,
+        batch_size=16,
+        shuffle=True,
+        seed=0,
     )
     for x, y, w in ds.iterate_epoch(0):
         assert set(x) == {"a", "b"} and x["b"].dtype == np.uint8
@@ -204,13 +237,22 @@ def test_multi_input_and_output_structures(tmp_path):
 
 def test_storage_dtype_is_kept(tmp_path):
     for dt in ("uint8", "int16", "float16", "float64"):
-        ds = kb.BigArrayDataset(indexed_rows(20, (2,), dt), batch_size=8, shuffle=True, seed=0)
+        ds = kb.BigArrayDataset(
+            indexed_rows(20, (2,), dt), batch_size=8, shuffle=True, seed=0
+        )
         assert ds[0][0].dtype == np.dtype(dt)
 
 
 def test_pad_remainder_weights(tmp_path):
     w = np.linspace(0.5, 2.0, N).astype("float32")
-    ds = kb.BigArrayDataset(indexed_rows(N), np.arange(N), w, batch_size=16, shuffle=False, pad_remainder=True)
+    ds = kb.BigArrayDataset(
+        indexed_rows(N),
+        np.arange(N),
+        w,
+        batch_size=16,
+        shuffle=False,
+        pad_remainder=True,
+    )
     assert len(ds) == 3
     x, y, sw = ds[2]
     assert x.shape == (16, 3) and y.shape == (16,)
@@ -221,7 +263,9 @@ def test_pad_remainder_weights(tmp_path):
 
 
 def test_drop_remainder(tmp_path):
-    ds = kb.BigArrayDataset(indexed_rows(N), np.arange(N), batch_size=16, drop_remainder=True, seed=1)
+    ds = kb.BigArrayDataset(
+        indexed_rows(N), np.arange(N), batch_size=16, drop_remainder=True, seed=1
+    )
     assert len(ds) == 2
     ids = check_batches(ds.iterate_epoch(0), 16)
     assert len(ids) == 32 and len(set(ids.tolist())) == 32
@@ -241,7 +285,9 @@ def test_validation_split_is_disjoint_and_unshuffled(tmp_path):
 
 
 def test_rows_restricts_without_copy(tmp_path):
-    ds = kb.BigArrayDataset(indexed_rows(50), np.arange(50), batch_size=7, rows=(10, 30), seed=0)
+    ds = kb.BigArrayDataset(
+        indexed_rows(50), np.arange(50), batch_size=7, rows=(10, 30), seed=0
+    )
     assert ds.num_rows == 20
     ids = check_batches(ds.iterate_epoch(0), 7)
     assert sorted(ids.tolist()) == list(range(10, 30))
@@ -257,7 +303,9 @@ def test_pickled_dataset_is_small(tmp_path):
 
 
 def test_mismatched_lengths_list_every_length(tmp_path):
-    with pytest.raises(ValueError, match=r"x: 10 rows, y\[0\]: 10 rows, y\[1\]: 9 rows"):
+    with pytest.raises(
+        ValueError, match=r"x: 10 rows, y\[0\]: 10 rows, y\[1\]: 9 rows"
+    ):
         kb.BigArrayDataset(np.zeros((10, 2)), (np.zeros(10), np.zeros(9)))
 
 
@@ -289,15 +337,22 @@ def test_bad_sources_name_the_argument(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.npy"):
         kb.BigArrayDataset(str(tmp_path / "nope.npy"))
     with pytest.raises(TypeError, match=r"y\['label'\]"):
-        kb.BigArrayDataset(np.zeros((3, 1)), {"label": np.array([object(), 1, 2], dtype=object)})
+        kb.BigArrayDataset(
+            np.zeros((3, 1)), {"label": np.array([object(), 1, 2], dtype=object)}
+        )
 
 
 def test_worker_read_error_names_batch_and_source(tmp_path):
     p = tmp_path / "x.raw"
     indexed_rows(N).tofile(p)
     ds = kb.BigArrayDataset(
-        kb.open_array(str(p), dtype="float32", shape=(-1, 3)), np.arange(N),
-        batch_size=16, shuffle=False, workers=2, use_multiprocessing=True, mp_context="spawn",
+        kb.open_array(str(p), dtype="float32", shape=(-1, 3)),
+        np.arange(N),
+        batch_size=16,
+        shuffle=False,
+        workers=2,
+        use_multiprocessing=True,
+        mp_context="spawn",
     )
     p.write_bytes(b"")  # the file shrinks under the dataset
     with pytest.raises(Exception, match=r"batch \d+ of epoch 0 .*x\.raw"):

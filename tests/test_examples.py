@@ -36,7 +36,10 @@ CASES = {
     ),
     "multi_worker.py": (
         ["--rows", "3000", "--epochs", "2"],
-        ["worker 1: 24 steps", "rows trained per epoch, summed over workers: [3000, 3000]"],
+        [
+            "worker 1: 24 steps",
+            "rows trained per epoch, summed over workers: [3000, 3000]",
+        ],
     ),
 }
 

@@ -83,12 +83,22 @@ def test_layout_reads_like_h5py(layouts: tuple[Path, np.ndarray], name: str):
     assert_same(ref, data)
     assert x.block_rows == (chunks[0] if chunks else x.block_rows)
     idx = np.array([49, 0, 3, 3, -1, 17, 8, 7, 6, 13, 14])
-    for key in [slice(None), slice(10, 31), slice(None, None, 3),
-                slice(None, None, -7), 0, -1, 20, idx, np.arange(N) % 4 == 1,
-                (idx, 2)]:
+    for key in [
+        slice(None),
+        slice(10, 31),
+        slice(None, None, 3),
+        slice(None, None, -7),
+        0,
+        -1,
+        20,
+        idx,
+        np.arange(N) % 4 == 1,
+        (idx, 2),
+    ]:
         assert_same(x[key], ref[key])
-    assert_same(x.read_sorted(np.array([1, 1, 6, 7, 8, 20, 49])),
-                ref[[1, 1, 6, 7, 8, 20, 49]])
+    assert_same(
+        x.read_sorted(np.array([1, 1, 6, 7, 8, 20, 49])), ref[[1, 1, 6, 7, 8, 20, 49]]
+    )
 
 
 @pytest.mark.parametrize("name", ["contiguous", "chunked", "gzip", "split_rows"])
@@ -118,8 +128,7 @@ def test_dtypes_and_odd_layouts(tmp_path: Path):
         "compound_chunked": (comp, {"chunks": (6,)}, True),
         "big_endian": (data.astype(">f4"), {}, False),
         "big_endian_chunked": (data.astype(">i2"), {"chunks": (5, 4)}, False),
-        "scaleoffset": (data.astype("i4"), {"chunks": (7, 4), "scaleoffset": 0},
-                        False),
+        "scaleoffset": (data.astype("i4"), {"chunks": (7, 4), "scaleoffset": 0}, False),
         "rows_3d": (indexed_rows(N, (3, 2), "int16"), {"chunks": (4, 3, 2)}, True),
     }
     path = write(tmp_path / "d.h5", **{k: (v[0], v[1]) for k, v in cases.items()})
@@ -139,18 +148,22 @@ def test_never_written_datasets_give_the_fill_value(tmp_path: Path):
     path = tmp_path / "fill.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("contiguous", shape=(N, 4), dtype="f4", fillvalue=3.5)
-        f.create_dataset("chunked", shape=(N, 4), dtype="f4", chunks=(7, 4),
-                         fillvalue=2.5)
+        f.create_dataset(
+            "chunked", shape=(N, 4), dtype="f4", chunks=(7, 4), fillvalue=2.5
+        )
         f.create_dataset("default", shape=(N,), dtype="i2", chunks=(8,))
-        part = f.create_dataset("partial", shape=(N, 4), dtype="f4", chunks=(7, 4),
-                                fillvalue=-1)
+        part = f.create_dataset(
+            "partial", shape=(N, 4), dtype="f4", chunks=(7, 4), fillvalue=-1
+        )
         part[10:20] = indexed_rows(10, (4,)) + 10
-        grown = f.create_dataset("grown", data=indexed_rows(20, (4,)), chunks=(7, 4),
-                                 maxshape=(None, 4))
+        grown = f.create_dataset(
+            "grown", data=indexed_rows(20, (4,)), chunks=(7, 4), maxshape=(None, 4)
+        )
         grown.resize((N, 4))
         grown[20:] = indexed_rows(N, (4,))[20:]
-        shrunk = f.create_dataset("shrunk", data=indexed_rows(80, (4,)), chunks=(7, 4),
-                                  maxshape=(None, 4))
+        shrunk = f.create_dataset(
+            "shrunk", data=indexed_rows(80, (4,)), chunks=(7, 4), maxshape=(None, 4)
+        )
         shrunk.resize((N, 4))  # chunks past the end are gone, or must be ignored
     idx = np.array([0, 49, 12, 12, 33, 9])
     with h5py.File(path, "r") as f:
@@ -277,14 +290,22 @@ def test_open_h5py_dataset(tmp_path: Path):
 
 def test_pickle_after_reading_reopens(tmp_path: Path):
     data = indexed_rows(N, ROW)
-    path = write(tmp_path / "p.h5", c=(data, {}), z=(data, {"chunks": (7, 4),
-                                                       "compression": "gzip"}))
+    path = write(
+        tmp_path / "p.h5",
+        c=(data, {}),
+        z=(data, {"chunks": (7, 4), "compression": "gzip"}),
+    )
     for key in ["c", "z"]:
         x = kb.open_array(path, key=key)
         assert_same(x[[5, 1]], data[[5, 1]])
         y = pickle.loads(pickle.dumps(x))
         assert (y.path, y.key, y.shape, y.dtype, y.direct) == (
-            x.path, x.key, x.shape, x.dtype, x.direct)
+            x.path,
+            x.key,
+            x.shape,
+            x.dtype,
+            x.direct,
+        )
         assert_same(y[[40, 0, 7]], data[[40, 0, 7]])
 
 
@@ -303,9 +324,12 @@ def test_child_processes_read_hdf5(tmp_path: Path, method: str):
     if method not in multiprocessing.get_all_start_methods():
         pytest.skip(f"no {method} start method here")
     data = indexed_rows(N, ROW)
-    path = write(tmp_path / "mp.h5", chunked=(data, {"chunks": (7, 4)}),
-                 gzip=(data, {"chunks": (7, 4), "compression": "gzip"}),
-                 contiguous=(data, {}))
+    path = write(
+        tmp_path / "mp.h5",
+        chunked=(data, {"chunks": (7, 4)}),
+        gzip=(data, {"chunks": (7, 4), "compression": "gzip"}),
+        contiguous=(data, {}),
+    )
     idx = np.array([49, 3, 3, 20, 0])
     arrays = [kb.open_array(path, key=k) for k in ["chunked", "gzip", "contiguous"]]
     for x in arrays:

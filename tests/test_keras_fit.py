@@ -55,16 +55,22 @@ class Recorder(keras.Model):
 def test_fit_is_handed_the_dataset_itself_and_keeps_our_order():
     from keras.src.trainers.data_adapters import get_data_adapter
 
-    ds = kb.BigArrayDataset(indexed_rows(N), np.arange(N), batch_size=8, shuffle=True, seed=1)
+    ds = kb.BigArrayDataset(
+        indexed_rows(N), np.arange(N), batch_size=8, shuffle=True, seed=1
+    )
     assert get_data_adapter(ds, shuffle=True) is ds
     model = Recorder()
     model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
     model.fit(ds, epochs=3, verbose=0)  # fit(shuffle=True), Keras's default
-    fed = [model.batches[i : i + len(ds)] for i in range(0, len(model.batches), len(ds))]
+    fed = [
+        model.batches[i : i + len(ds)] for i in range(0, len(model.batches), len(ds))
+    ]
     assert len(fed) == 3
     ours = [[b[1].tolist() for b in ds.iterate_epoch(e)] for e in range(6)]
     for epoch in fed:
-        assert epoch in ours, "fit fed batches in an order that is not one of our epochs"
+        assert epoch in ours, (
+            "fit fed batches in an order that is not one of our epochs"
+        )
     assert len({str(e) for e in fed}) == 3, "every epoch has a new order"
 
 
@@ -72,8 +78,14 @@ def test_fit_is_handed_the_dataset_itself_and_keeps_our_order():
 def test_fit_with_workers_reads_every_row_each_epoch(tmp_path, workers, mp):
     x = open_kind("h5_chunked", tmp_path, indexed_rows(N))
     ds = kb.BigArrayDataset(
-        x, np.arange(N, dtype="float32"), batch_size=8, shuffle="block", seed=3,
-        workers=workers, use_multiprocessing=mp, mp_context="spawn" if mp else None,
+        x,
+        np.arange(N, dtype="float32"),
+        batch_size=8,
+        shuffle="block",
+        seed=3,
+        workers=workers,
+        use_multiprocessing=mp,
+        mp_context="spawn" if mp else None,
     )
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
@@ -128,7 +140,9 @@ def test_tf_dataset_holds_no_data_in_the_graph(tmp_path):
 
 def test_sharded_tf_dataset_turns_auto_shard_off():
     tf = pytest.importorskip("tensorflow")
-    ds = kb.BigArrayDataset(np.zeros((40, 1)), batch_size=4, num_shards=2, shard_index=1)
+    ds = kb.BigArrayDataset(
+        np.zeros((40, 1)), batch_size=4, num_shards=2, shard_index=1
+    )
     policy = ds.to_tf_dataset().options().experimental_distribute.auto_shard_policy
     assert policy == tf.data.experimental.AutoShardPolicy.OFF
 
@@ -136,11 +150,17 @@ def test_sharded_tf_dataset_turns_auto_shard_off():
 @pytest.mark.parametrize("mp", [False, True])
 def test_list_targets_reach_a_two_output_model(mp):
     inputs = keras.Input((3,))
-    model = keras.Model(inputs, [keras.layers.Dense(1)(inputs), keras.layers.Dense(2)(inputs)])
+    model = keras.Model(
+        inputs, [keras.layers.Dense(1)(inputs), keras.layers.Dense(2)(inputs)]
+    )
     model.compile("sgd", ["mse", "mse"])
     ds = kb.BigArrayDataset(
-        indexed_rows(N), [np.zeros((N, 1), "float32"), np.zeros((N, 2), "float32")],
-        batch_size=8, seed=0, workers=2 if mp else 1, use_multiprocessing=mp,
+        indexed_rows(N),
+        [np.zeros((N, 1), "float32"), np.zeros((N, 2), "float32")],
+        batch_size=8,
+        seed=0,
+        workers=2 if mp else 1,
+        use_multiprocessing=mp,
         mp_context="spawn" if mp else None,
     )
     spec = ds.to_tf_dataset().element_spec
@@ -151,7 +171,10 @@ def test_list_targets_reach_a_two_output_model(mp):
 
 def test_fit_with_prefetch_to_device_counts_its_steps():
     ds = kb.BigArrayDataset(
-        indexed_rows(N), np.zeros((N, 2), "float32"), batch_size=8, seed=0,
+        indexed_rows(N),
+        np.zeros((N, 2), "float32"),
+        batch_size=8,
+        seed=0,
         prefetch_to_device="/cpu:0",
     )
     assert ds.replace(batch_size=4).prefetch_to_device == "/cpu:0"

@@ -29,8 +29,9 @@ KEYS = st.lists(
 HYPO = settings(max_examples=50, deadline=None)
 
 
-def epoch(n: int, batch_size: int, epoch_: int = 0, num_shards: int = 1,
-          **kw: Any) -> list[list[tuple[np.ndarray, int]]]:
+def epoch(
+    n: int, batch_size: int, epoch_: int = 0, num_shards: int = 1, **kw: Any
+) -> list[list[tuple[np.ndarray, int]]]:
     """Every shard's batches of one epoch: `[shard][batch] -> (rows, num_real)`."""
     out = []
     for k in range(num_shards):
@@ -111,12 +112,26 @@ def test_permutation_rejects_bad_domains():
     seed=SEEDS,
     epoch_=st.integers(0, 1000),
 )
-def test_epoch_contract(n: int, batch_size: int, mode: str, num_shards: int,
-                        drop_remainder: bool, pad_remainder: bool, block_rows: int,
-                        window_blocks: int, seed: int, epoch_: int):
-    kw = dict(mode=mode, seed=seed, drop_remainder=drop_remainder,
-              pad_remainder=pad_remainder, block_rows=block_rows,
-              window_blocks=window_blocks)
+def test_epoch_contract(
+    n: int,
+    batch_size: int,
+    mode: str,
+    num_shards: int,
+    drop_remainder: bool,
+    pad_remainder: bool,
+    block_rows: int,
+    window_blocks: int,
+    seed: int,
+    epoch_: int,
+):
+    kw = dict(
+        mode=mode,
+        seed=seed,
+        drop_remainder=drop_remainder,
+        pad_remainder=pad_remainder,
+        block_rows=block_rows,
+        window_blocks=window_blocks,
+    )
     shards = epoch(n, batch_size, epoch_, num_shards, **kw)
     layout = Sampler(n, batch_size, num_shards=num_shards, **kw).layout
     # Equal batch counts on every shard: collectives never wait on a missing one.
@@ -149,8 +164,13 @@ def test_epoch_contract(n: int, batch_size: int, mode: str, num_shards: int,
     if pad_remainder and not drop_remainder:
         assert layout.dropped == 0
     # Same seed and epoch: the same batches, also from a pickled copy.
-    again = pickle.loads(pickle.dumps(Sampler(n, batch_size, num_shards=num_shards,
-                                              shard_index=num_shards - 1, **kw)))
+    again = pickle.loads(
+        pickle.dumps(
+            Sampler(
+                n, batch_size, num_shards=num_shards, shard_index=num_shards - 1, **kw
+            )
+        )
+    )
     for i, (rows_i, real_i) in enumerate(shards[-1]):
         got, got_real = again.batch(epoch_, i)
         assert got_real == real_i
@@ -182,12 +202,15 @@ def test_seed_words_do_not_alias():
     # A big seed is two 32-bit words: (2**32 + s, epoch 0) once reused (s, epoch 1).
     for mode in ["global", "block"]:
         kw = dict(mode=mode, block_rows=4, window_blocks=2)
-        assert not np.array_equal(order(300, 0, seed=2**32 + 7, **kw),
-                                  order(300, 1, seed=7, **kw))
-        assert not np.array_equal(order(300, 0, seed=7, **kw),
-                                  order(300, 0, seed=7 + 2**32, **kw))
-        assert not np.array_equal(order(300, 2**32, seed=0, **kw),
-                                  order(300, 0, seed=1, **kw))
+        assert not np.array_equal(
+            order(300, 0, seed=2**32 + 7, **kw), order(300, 1, seed=7, **kw)
+        )
+        assert not np.array_equal(
+            order(300, 0, seed=7, **kw), order(300, 0, seed=7 + 2**32, **kw)
+        )
+        assert not np.array_equal(
+            order(300, 2**32, seed=0, **kw), order(300, 0, seed=1, **kw)
+        )
 
 
 def test_positions_across_cache_chunks():
@@ -197,8 +220,9 @@ def test_positions_across_cache_chunks():
         full = s.positions(5, 0, n)
         np.testing.assert_array_equal(np.sort(full), np.arange(n))
         fresh = Sampler(n, 1000, mode=mode, seed=3, block_rows=100, window_blocks=8)
-        np.testing.assert_array_equal(fresh.positions(5, 65_000, 66_000),
-                                      full[65_000:66_000])
+        np.testing.assert_array_equal(
+            fresh.positions(5, 65_000, 66_000), full[65_000:66_000]
+        )
         np.testing.assert_array_equal(fresh.positions(5, 69_990, n), full[69_990:])
 
 
@@ -206,12 +230,24 @@ def test_positions_across_cache_chunks():
 
 
 @HYPO
-@given(n=st.integers(1, 600), block_rows=st.integers(1, 30),
-       window_blocks=st.integers(1, 6), seed=SEEDS, epoch_=st.integers(0, 50))
-def test_block_mode_is_local(n: int, block_rows: int, window_blocks: int, seed: int,
-                             epoch_: int):
-    rows = order(n, epoch_, mode="block", seed=seed, block_rows=block_rows,
-                 window_blocks=window_blocks)
+@given(
+    n=st.integers(1, 600),
+    block_rows=st.integers(1, 30),
+    window_blocks=st.integers(1, 6),
+    seed=SEEDS,
+    epoch_=st.integers(0, 50),
+)
+def test_block_mode_is_local(
+    n: int, block_rows: int, window_blocks: int, seed: int, epoch_: int
+):
+    rows = order(
+        n,
+        epoch_,
+        mode="block",
+        seed=seed,
+        block_rows=block_rows,
+        window_blocks=window_blocks,
+    )
     np.testing.assert_array_equal(np.sort(rows), np.arange(n))
     window = block_rows * window_blocks
     blocks = rows // block_rows
@@ -246,8 +282,12 @@ def test_global_mode_is_roughly_uniform():
     # Position of row 0 over 2000 fixed seeds; chi-square with 9 degrees of
     # freedom has mean 9, and 45 lies beyond p = 1e-6: loose, and deterministic.
     for n, bins in [(10, 10), (37, 10), (1000, 10)]:
-        where = np.array([np.flatnonzero(order(n, 0, mode="global", seed=s) == 0)[0]
-                          for s in range(2000)])
+        where = np.array(
+            [
+                np.flatnonzero(order(n, 0, mode="global", seed=s) == 0)[0]
+                for s in range(2000)
+            ]
+        )
         counts = np.bincount(where * bins // n, minlength=bins)
         expected = np.bincount(np.arange(n) * bins // n, minlength=bins) * 2000 / n
         chi2 = float(((counts - expected) ** 2 / expected).sum())
@@ -292,9 +332,16 @@ GOLDEN_PERMUTATION = [155, 652, 667, 81, 830, 936, 556, 37]
         (3, 2, 4, False, True, (1, 1, 1, 0), 1, 0),
     ],
 )
-def test_plan_shards_tail(n: int, batch_size: int, num_shards: int, drop: bool,
-                          pad: bool, lengths: tuple[int, ...], num_batches: int,
-                          dropped: int):
+def test_plan_shards_tail(
+    n: int,
+    batch_size: int,
+    num_shards: int,
+    drop: bool,
+    pad: bool,
+    lengths: tuple[int, ...],
+    num_batches: int,
+    dropped: int,
+):
     layout = plan_shards(n, batch_size, num_shards, drop, pad)
     assert layout.lengths == lengths
     assert layout.num_batches == num_batches
@@ -303,10 +350,12 @@ def test_plan_shards_tail(n: int, batch_size: int, num_shards: int, drop: bool,
 
 
 @HYPO
-@given(n=st.integers(0, 3000), batch_size=st.integers(1, 64),
-       num_shards=st.integers(1, 8))
-def test_plan_shards_leaves_rows_out_only_below_num_shards(n: int, batch_size: int,
-                                                           num_shards: int):
+@given(
+    n=st.integers(0, 3000), batch_size=st.integers(1, 64), num_shards=st.integers(1, 8)
+)
+def test_plan_shards_leaves_rows_out_only_below_num_shards(
+    n: int, batch_size: int, num_shards: int
+):
     # Without drop_remainder or padding, rows are left out only when fewer than
     # num_shards rows remain for the last round: exactly n % num_shards of them,
     # when n // num_shards fills whole batches.

@@ -25,8 +25,16 @@ from keras_bigarray import sources
 N = 34  # leaves a partial batch of 16, and a zero-length shard in "shards"
 
 # Kinds that name a file (or files): their pickle carries a path, never data.
-PATH_KINDS = ["npy", "raw", "h5_contiguous", "h5_chunked", "h5_gzip", "shards",
-              "memmap", "h5py_dataset"]
+PATH_KINDS = [
+    "npy",
+    "raw",
+    "h5_contiguous",
+    "h5_chunked",
+    "h5_gzip",
+    "shards",
+    "memmap",
+    "h5py_dataset",
+]
 
 HYPO = settings(
     max_examples=40,
@@ -75,8 +83,15 @@ def rests(ndim: int) -> st.SearchStrategy[tuple[Any, ...]]:
     if ndim == 1:
         return st.just(())
     return st.sampled_from(
-        [(), (0,), (-1,), (slice(None, None, -1),), (Ellipsis, 0),
-         (np.array([0]),), (slice(1, None),)]
+        [
+            (),
+            (0,),
+            (-1,),
+            (slice(None, None, -1),),
+            (Ellipsis, 0),
+            (np.array([0]),),
+            (slice(1, None),),
+        ]
     )
 
 
@@ -120,15 +135,33 @@ def test_basic_keys(source_kind: str, tmp_path: Path):
     x = open_kind(source_kind, tmp_path, data)
     idx = np.array([7, -1, 0, 7, 33, -34, 5])
     mask = np.arange(N) % 3 == 1
-    for key in [0, 5, -1, -N, np.int64(3), slice(2, 9), slice(None, None, 4),
-                slice(None, None, -3), slice(30, 2, -5), slice(5, 5), idx,
-                list(idx), mask, (idx, 0), (idx, slice(None), -1), (3, 2, 1),
-                (slice(1, 30, 7), 1), Ellipsis, ()]:
+    for key in [
+        0,
+        5,
+        -1,
+        -N,
+        np.int64(3),
+        slice(2, 9),
+        slice(None, None, 4),
+        slice(None, None, -3),
+        slice(30, 2, -5),
+        slice(5, 5),
+        idx,
+        list(idx),
+        mask,
+        (idx, 0),
+        (idx, slice(None), -1),
+        (3, 2, 1),
+        (slice(1, 30, 7), 1),
+        Ellipsis,
+        (),
+    ]:
         assert_same(x[key], data[key])
     assert_same(x.take(idx), data[idx])
     assert_same(x.read_sorted(np.array([0, 0, 2])), data[[0, 0, 2]])
-    assert_same(x.read_sorted(np.array([0, 0, 2, 2, 3, 9, 9])),
-                data[[0, 0, 2, 2, 3, 9, 9]])
+    assert_same(
+        x.read_sorted(np.array([0, 0, 2, 2, 3, 9, 9])), data[[0, 0, 2, 2, 3, 9, 9]]
+    )
     assert_same(x.read_sorted(np.zeros(0, dtype=np.int64)), data[:0])
 
 
@@ -137,8 +170,13 @@ def test_storage_dtype_is_kept(source_kind: str, tmp_path: Path, dtype: str):
     data = indexed_rows(N, (3,), dtype)
     x = open_kind(source_kind, tmp_path, data)
     assert x.dtype == np.dtype(dtype)
-    for key in [3, slice(1, 7), slice(None, None, -2), [5, 1, 1, -2],
-                np.arange(N) % 2 == 0]:
+    for key in [
+        3,
+        slice(1, 7),
+        slice(None, None, -2),
+        [5, 1, 1, -2],
+        np.arange(N) % 2 == 0,
+    ]:
         got = x[key]
         assert got.dtype == np.dtype(dtype)
         assert_same(got, data[key])
@@ -153,8 +191,17 @@ def test_results_are_new_arrays(source_kind: str, tmp_path: Path):
         x = kb.open_array(src)
     before = tree_digest(tmp_path)
     in_memory = src if isinstance(src, np.ndarray) else None
-    results = [x[2], x[1:5], x[::3], x[::-2], x[[4, 1, 1, -1]], x[np.arange(N) > 30],
-               x.take([3, 2]), x.read_sorted(np.array([0, 1, 2])), x[5, 1]]
+    results = [
+        x[2],
+        x[1:5],
+        x[::3],
+        x[::-2],
+        x[[4, 1, 1, -1]],
+        x[np.arange(N) > 30],
+        x.take([3, 2]),
+        x.read_sorted(np.array([0, 1, 2])),
+        x[5, 1],
+    ]
     for r in results:
         assert isinstance(r, np.ndarray)
         assert r.flags.writeable
@@ -184,8 +231,16 @@ def test_pickle_is_small_and_reads_the_same(source_kind: str, tmp_path: Path):
 
 def test_spawned_process_reads_pickled_sources(tmp_path: Path):
     data = indexed_rows(N, (4, 3))
-    kinds = ["npy", "raw", "h5_contiguous", "h5_chunked", "h5_gzip", "shards",
-             "memmap", "h5py_dataset"]
+    kinds = [
+        "npy",
+        "raw",
+        "h5_contiguous",
+        "h5_chunked",
+        "h5_gzip",
+        "shards",
+        "memmap",
+        "h5py_dataset",
+    ]
     arrays = []
     for kind in kinds:
         (tmp_path / kind).mkdir()
@@ -196,15 +251,16 @@ def test_spawned_process_reads_pickled_sources(tmp_path: Path):
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
         got = pool.starmap(operator.getitem, [(x, idx) for x in arrays])
-    for kind, g in zip(kinds, got):
+    for kind, g in zip(kinds, got, strict=True):
         assert np.array_equal(g, data[idx]), kind
 
 
 # ---- layouts -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["npy", "raw", "h5_contiguous", "shards", "ndarray",
-                                  "memmap", "zarr"])
+@pytest.mark.parametrize(
+    "kind", ["npy", "raw", "h5_contiguous", "shards", "ndarray", "memmap", "zarr"]
+)
 def test_zero_rows(kind: str, tmp_path: Path):
     data = indexed_rows(0, (3,))
     x = open_kind(kind, tmp_path, data)
@@ -263,8 +319,9 @@ def test_memmap_views_and_partial_files(tmp_path: Path):
     assert_same(strided[:], data[::2])
     # A memmap over the middle of a bigger raw file.
     data.tofile(tmp_path / "r.raw")
-    part = np.memmap(tmp_path / "r.raw", dtype=data.dtype, mode="r", offset=24,
-                     shape=(5, 3))
+    part = np.memmap(
+        tmp_path / "r.raw", dtype=data.dtype, mode="r", offset=24, shape=(5, 3)
+    )
     assert_same(kb.open_array(part)[:], data[2:7])
     # Copy-on-write changes live only in memory: read them, not the file.
     cow = np.load(tmp_path / "m.npy", mmap_mode="c")
@@ -376,8 +433,9 @@ def test_raw_errors(tmp_path: Path):
     # Good raw reads, for contrast: offset, inferred and exact shapes.
     assert_same(kb.open_array(path, dtype="float32", shape=(-1, 3))[:], data)
     assert_same(kb.open_array(path, dtype="float32", shape=(10, 3))[:], data)
-    assert_same(kb.open_array(path, dtype="float32", shape=(-1, 3), offset=12)[:],
-                data[1:])
+    assert_same(
+        kb.open_array(path, dtype="float32", shape=(-1, 3), offset=12)[:], data[1:]
+    )
     assert_same(kb.open_array(path, dtype="float32")[:], data.reshape(-1))
 
 
@@ -385,12 +443,14 @@ def test_shards_that_disagree(tmp_path: Path):
     a = indexed_rows(4, (3,))
     np.save(tmp_path / "part-0.npy", a)
     np.save(tmp_path / "part-1.npy", a.astype("float64"))
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "part-1.npy"))
-                       + ".*dtype float64"):
+    with pytest.raises(
+        ValueError, match=re.escape(str(tmp_path / "part-1.npy")) + ".*dtype float64"
+    ):
         kb.open_array(str(tmp_path / "part-*.npy"))
     np.save(tmp_path / "part-1.npy", a[:, :2].copy())
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "part-1.npy"))
-                       + r".*shape \(2,\)"):
+    with pytest.raises(
+        ValueError, match=re.escape(str(tmp_path / "part-1.npy")) + r".*shape \(2,\)"
+    ):
         kb.open_array([tmp_path / "part-0.npy", tmp_path / "part-1.npy"])
 
 
@@ -460,13 +520,23 @@ def test_unsupported_sources_and_arguments(tmp_path: Path):
 
 def _npy_bytes(data: np.ndarray, version: tuple[int, int]) -> bytes:
     """A .npy file written by hand, for header versions numpy does not pick."""
-    header = repr({"descr": np.lib.format.dtype_to_descr(data.dtype),
-                   "fortran_order": False, "shape": data.shape}).encode()
+    header = repr(
+        {
+            "descr": np.lib.format.dtype_to_descr(data.dtype),
+            "fortran_order": False,
+            "shape": data.shape,
+        }
+    ).encode()
     size = 4 if version[0] >= 2 else 2
     pad = -(8 + size + len(header) + 1) % 64
     header += b" " * pad + b"\n"
-    return (b"\x93NUMPY" + bytes(version) + len(header).to_bytes(size, "little")
-            + header + data.tobytes())
+    return (
+        b"\x93NUMPY"
+        + bytes(version)
+        + len(header).to_bytes(size, "little")
+        + header
+        + data.tobytes()
+    )
 
 
 def test_npy_header_versions(tmp_path: Path):
