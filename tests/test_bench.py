@@ -181,7 +181,9 @@ def test_run_bench_threads_and_time_limit() -> None:
     x = np.arange(4096 * 4, dtype=np.float32).reshape(4096, 4)
     rows, notes = run_bench(x, batch_size=128, batches=10, workers=2)
     assert [r.mode for r in rows] == list(MODES)
-    assert all(r.batches == 10 and r.rows == 1280 and r.seconds > 0 for r in rows)
+    assert all(r.batches == 10 and r.rows == 1280 for r in rows)
+    spent = [r.seconds for r in rows]
+    assert all(s > 0 for s in spent)
     assert notes == []
     # A tiny time budget still reads one batch per mode.
     rows, _ = run_bench(x, batch_size=128, batches=10, seconds=1e-9)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import indexed_rows, make_source, open_kind, row_ids
+from conftest import SOURCE_KINDS, indexed_rows, make_source, open_kind, row_ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,16 +25,7 @@ from keras_bigarray import sources
 N = 34  # leaves a partial batch of 16, and a zero-length shard in "shards"
 
 # Kinds that name a file (or files): their pickle carries a path, never data.
-PATH_KINDS = [
-    "npy",
-    "raw",
-    "h5_contiguous",
-    "h5_chunked",
-    "h5_gzip",
-    "shards",
-    "memmap",
-    "h5py_dataset",
-]
+PATH_KINDS = [k for k in SOURCE_KINDS if k not in ("ndarray", "zarr")]
 
 HYPO = settings(
     max_examples=40,
@@ -231,16 +222,7 @@ def test_pickle_is_small_and_reads_the_same(source_kind: str, tmp_path: Path):
 
 def test_spawned_process_reads_pickled_sources(tmp_path: Path):
     data = indexed_rows(N, (4, 3))
-    kinds = [
-        "npy",
-        "raw",
-        "h5_contiguous",
-        "h5_chunked",
-        "h5_gzip",
-        "shards",
-        "memmap",
-        "h5py_dataset",
-    ]
+    kinds = PATH_KINDS
     arrays = []
     for kind in kinds:
         (tmp_path / kind).mkdir()
