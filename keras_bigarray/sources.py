@@ -35,12 +35,6 @@ __all__ = [
 # the page cache of a small machine.
 DEFAULT_BLOCK_BYTES = 1 << 20
 
-# A batch whose rows span at most this many bytes of a file has the whole span
-# read ahead (madvise WILLNEED) before its rows are gathered: a block-shuffle
-# window of 16 x 1 MiB blocks, read from disk in large requests. Wider spans
-# (global shuffle) would read mostly rows the batch does not need.
-WILLNEED_MAX_BYTES = 64 << 20
-
 _NPY_MAGIC = b"\x93NUMPY"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nc")
@@ -244,12 +238,10 @@ class _MemmapArray(BigArray):
         self.offset = int(offset)
         self.fortran_order = bool(fortran_order) and len(self.shape) > 1
         self._mm: np.memmap | None = None
-        self._advised = (0, 0)  # rows last read ahead with madvise
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_mm"] = None
-        state["_advised"] = (0, 0)
         return state
 
     def _map(self) -> np.ndarray:
@@ -277,20 +269,11 @@ class _MemmapArray(BigArray):
 
     def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
         # One C loop over the rows; for page-cache-resident data this is the
-        # bare `np.take` the benchmarks compare against.
-        mm = self._map()
-        first, last = int(idx[0]), int(idx[-1]) + 1
-        span = (last - first) * self.row_nbytes
-        if span <= WILLNEED_MAX_BYTES and not self.fortran_order:
-            # Rows scattered over a bounded region (a block-shuffle window):
-            # ask the kernel for the whole region in large reads now, rather
-            # than one 4 KiB page fault at a time as np.take touches rows.
-            # Once per region: the window's next batches fall inside it.
-            lo, hi = self._advised
-            if not (lo <= first and last <= hi):
-                _will_need(mm, self.offset, first * self.row_nbytes, span)
-                self._advised = (first, last)
-        return np.take(mm, idx, axis=0)
+        # bare `np.take` the benchmarks compare against. (Reading a block-shuffle
+        # window ahead with madvise(WILLNEED) was measured on a cold 29 GiB file
+        # and gained nothing reproducible: page faults with the kernel's own
+        # read-around did as well.)
+        return np.take(self._map(), idx, axis=0)
 
     def _where(self) -> str:
         return repr(self.path)
@@ -581,22 +564,6 @@ def _is_hdf5_with_user_block(path: str) -> bool:
                 return True
             where *= 2
     return False
-
-
-def _will_need(mm: np.ndarray, file_offset: int, start: int, length: int) -> None:
-    """Hints the kernel to read bytes `start:start+length` of a memmap's data."""
-    base = getattr(mm, "_mmap", None)
-    advice = getattr(mmap, "MADV_WILLNEED", None)
-    if base is None or advice is None or length <= 0:
-        return
-    # np.memmap maps from the offset rounded down to the allocation granularity.
-    lead = file_offset % mmap.ALLOCATIONGRANULARITY
-    a = lead + start
-    a -= a % mmap.PAGESIZE
-    try:
-        base.madvise(advice, a, min(length + mmap.PAGESIZE, len(base) - a))
-    except (OSError, ValueError):  # advice only: never fail a read over it
-        pass
 
 
 def _memmap_origin(mm: np.memmap) -> tuple[str, int] | None:
