@@ -511,6 +511,19 @@ def _fit_data(cfg: Config) -> tuple[int, Any, int, int, int, np.ndarray, np.ndar
     return B, pair, n, n // B, _data.ROW_NBYTES, xm, ym
 
 
+def _fit_dataset(cfg: Config, pair: Any, n: int) -> Any:
+    """Ours in the fit and GPU cases: global shuffle over the first n rows."""
+    return _dataset(
+        pair.x,
+        pair.y,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        seed=SEED,
+        rows=slice(0, n),
+        workers=cfg.workers,
+    )
+
+
 def case_fit(cfg: Config, spe: int) -> CaseResult:
     import tensorflow as tf
 
@@ -582,15 +595,7 @@ def case_fit(cfg: Config, spe: int) -> CaseResult:
         return measure(make, {})
 
     def ours() -> Any:
-        return _dataset(
-            pair.x,
-            pair.y,
-            batch_size=B,
-            shuffle=True,
-            seed=SEED,
-            rows=slice(0, n),
-            workers=cfg.workers,
-        )
+        return _fit_dataset(cfg, pair, n)
 
     def ours_ds(_r: int) -> Measurement:
         return measure(lambda: (ours(),), {})
@@ -863,15 +868,7 @@ def case_gpu(cfg: Config) -> CaseResult:
 
     def prefetched(_r: int) -> Measurement:
         return measure(
-            lambda: _dataset(
-                pair.x,
-                pair.y,
-                batch_size=B,
-                shuffle=True,
-                seed=SEED,
-                rows=slice(0, n),
-                workers=cfg.workers,
-            ).to_tf_dataset(device="/gpu:0"),
+            lambda: _fit_dataset(cfg, pair, n).to_tf_dataset(device="/gpu:0"),
             {},
         )
 

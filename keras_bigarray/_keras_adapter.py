@@ -18,17 +18,7 @@ except ImportError:  # pragma: no cover - a future Keras that moved it
 
 AVAILABLE = DataAdapter is not object
 
-__all__ = [
-    "AVAILABLE",
-    "DataAdapter",
-    "jax_iterator",
-    "numpy_iterator",
-    "torch_dataloader",
-]
-
-
-def numpy_iterator(batches: Any) -> Any:
-    return batches if _utils is None else _utils.get_numpy_iterator(batches)
+__all__ = ["AVAILABLE", "DataAdapter", "jax_iterator", "torch_dataloader"]
 
 
 def jax_iterator(batches: Any) -> Any:

@@ -183,7 +183,7 @@ def format_table(rows: list[BenchRow]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `keras-bigarray bench`."""
-    from keras_bigarray.cli import _positive_int, _shape
+    from keras_bigarray.cli import _positive_int, add_source_options
 
     parser.add_argument(
         "path", help="a .npy, HDF5 or raw file, a shard folder or a quoted glob"
@@ -216,31 +216,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reader threads; 1 reads in the foreground (default: 1)",
     )
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
-    parser.add_argument(
-        "--dtype", default=None, help="element type of a raw file, e.g. uint8"
-    )
-    parser.add_argument(
-        "--shape", type=_shape, default=None, help="shape of a raw file, e.g. -1,28,28"
-    )
-    parser.add_argument(
-        "--offset", type=int, default=0, help="header bytes of a raw file"
-    )
+    add_source_options(parser)
 
 
 def main_bench(args: argparse.Namespace, out: TextIO, err: TextIO | None = None) -> int:
     """Runs `keras-bigarray bench` with parsed `args`; the table goes to `out`."""
     import keras_bigarray as kb
-    from keras_bigarray.cli import _cached_fraction, _files_of, recommend
+    from keras_bigarray.cli import (
+        _cached_fraction,
+        _files_of,
+        recommend,
+        source_kwargs,
+    )
 
     err = sys.stderr if err is None else err
     if not args.seconds > 0:
         raise ValueError(f"--seconds must be > 0, received {args.seconds}")
-    kwargs: dict[str, Any] = {}
-    for name in ("key", "dtype", "shape"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
-    if args.offset:
-        kwargs["offset"] = args.offset
+    kwargs = source_kwargs(args)
     if not os.path.exists(args.path) and not glob.has_magic(args.path):
         raise FileNotFoundError(f"no such file or folder: '{args.path}'")
     arr = kb.open_array(args.path, **kwargs)

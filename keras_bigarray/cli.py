@@ -327,6 +327,34 @@ def _is_npy(path: str) -> bool:
         return f.read(6) == b"\x93NUMPY"
 
 
+def add_source_options(parser: argparse.ArgumentParser) -> None:
+    """`--dtype`, `--shape`, `--offset`: how to read a raw file (inspect, bench)."""
+    parser.add_argument(
+        "--dtype", default=None, help="element type of a raw file, e.g. uint8"
+    )
+    parser.add_argument(
+        "--shape",
+        type=_shape,
+        default=None,
+        help="shape of a raw file, one -1 to infer, e.g. -1,28,28 (default: -1)",
+    )
+    parser.add_argument(
+        "--offset", type=int, default=0, help="header bytes to skip in a raw file"
+    )
+
+
+def source_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `open_array` keywords given on the command line (key and raw options)."""
+    kwargs: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in ("key", "dtype", "shape")
+        if getattr(args, name) is not None
+    }
+    if args.offset:
+        kwargs["offset"] = args.offset
+    return kwargs
+
+
 def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     import keras_bigarray as kb
 
@@ -359,15 +387,7 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
                 file=out,
             )
         return 0
-    kwargs: dict[str, Any] = {}
-    if args.key is not None:
-        kwargs["key"] = args.key
-    if args.dtype is not None:
-        kwargs["dtype"] = args.dtype
-    if args.shape is not None:
-        kwargs["shape"] = args.shape
-    if args.offset:
-        kwargs["offset"] = args.offset
+    kwargs = source_kwargs(args)
     if not raw and os.path.isfile(path) and not _is_hdf5(path) and not _is_npy(path):
         raise CliError(
             f"cannot tell the format of '{path}': it is neither .npy nor HDF5. "
@@ -543,18 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("path", help="a file, a folder of .npy shards, or a quoted glob")
     i.add_argument("--key", default=None, help="HDF5 dataset (default: all of them)")
-    i.add_argument(
-        "--dtype", default=None, help="element type of a raw file, e.g. uint8"
-    )
-    i.add_argument(
-        "--shape",
-        type=_shape,
-        default=None,
-        help="shape of a raw file, one -1 to infer, e.g. -1,28,28 (default: -1)",
-    )
-    i.add_argument(
-        "--offset", type=int, default=0, help="header bytes to skip in a raw file"
-    )
+    add_source_options(i)
     i.set_defaults(func=cmd_inspect)
 
     from keras_bigarray import bench

@@ -51,6 +51,24 @@ def row_ids(batch: np.ndarray) -> np.ndarray:
     )
 
 
+def run_tf_script(script: str, *args: str, **env: str) -> dict[str, Any]:
+    """Runs `script` in a fresh Python (TensorFlow fixes its devices at start-up);
+    returns the JSON object on its last line of stdout."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def make_source(kind: str, tmp_path: Path, data: np.ndarray, name: str = "x") -> Any:
     """Writes `data` as source `kind` in `tmp_path`; returns what open_array takes."""
     if kind == "npy":

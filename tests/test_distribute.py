@@ -5,13 +5,10 @@ subprocess."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import run_tf_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -69,16 +66,7 @@ SCRIPT = textwrap.dedent(
     [("dataset", 70, 16), ("to_tf_dataset", 70, 16), ("distribute_dataset", 64, 16)],
 )
 def test_mirrored_strategy_trains_every_row_once(how, n, batch):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, how, str(n), str(batch)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_tf_script(SCRIPT, how, str(n), str(batch))
     assert result["replicas"] == 2
     want = [n * (n - 1) // 2, n]
     for total, count in result["epochs"]:

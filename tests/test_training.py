@@ -5,10 +5,6 @@ functional and subclassed in either order; save and load."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -17,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import run_tf_script
 from keras.src.models.functional import Functional
 
 import keras_bigarray as kb
@@ -390,16 +387,9 @@ MIRRORED = textwrap.dedent(
 
 def test_mirrored_strategy_two_replicas_equals_single_device() -> None:
     # TensorFlow fixes its devices at start-up: two logical CPUs need a fresh process.
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
-    proc = subprocess.run(
-        [sys.executable, "-c", MIRRORED, str(Path(__file__).parent)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    out = run_tf_script(
+        MIRRORED, str(Path(__file__).parent), KERAS_BACKEND="tensorflow"
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out.pop("replicas") == 2
     assert len(out) == 4
     for key, r in out.items():
