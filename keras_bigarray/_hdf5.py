@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_bigarray.sources import BigArray, DuckArray, _check_dtype
+from keras_bigarray.sources import BigArray, DuckArray, _check_dtype, touch_row_heads
 
 __all__ = ["HDF5Array", "from_h5py_dataset"]
 
@@ -216,6 +216,7 @@ class HDF5Array(BigArray):
             return np.empty((idx.size, *self.shape[1:]), dtype=self.dtype)
         # Every byte offset as one `width`-byte item: a gather copies each row
         # with one memcpy (a (n, width) uint8 view copies byte by byte).
+        touch_row_heads(raw, where, width)
         rows_at = np.ndarray(
             shape=(raw.size - width + 1,),
             dtype=np.dtype((np.void, width)),

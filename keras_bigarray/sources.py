@@ -35,6 +35,13 @@ __all__ = [
 # the page cache of a small machine.
 DEFAULT_BLOCK_BYTES = 1 << 20
 
+# Rows of this many bytes gather faster when each row's first byte is read
+# first, all in one tight loop: the loop's independent loads overlap their TLB
+# and cache misses, which the row-by-row copy that follows takes one at a time
+# (measured on 1 GiB in the page cache: 1 KiB rows +20%, 4 KiB +30%; 512 B and
+# smaller slower, 16 KiB even).
+_TOUCH_ROW_BYTES = (1024, 8192)
+
 _NPY_MAGIC = b"\x93NUMPY"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nc")
@@ -51,6 +58,17 @@ class SupportsArrayRead(Protocol):
     def dtype(self) -> Any: ...
 
     def __getitem__(self, key: Any) -> Any: ...
+
+
+def touch_row_heads(data: np.ndarray, starts: np.ndarray, row_nbytes: int) -> None:
+    """Reads the byte at each of `starts` (offsets into the bytes of `data`) when
+    rows of `row_nbytes` gather faster for it (`_TOUCH_ROW_BYTES`)."""
+    lo, hi = _TOUCH_ROW_BYTES
+    if lo <= row_nbytes <= hi and starts.size > 1:
+        heads = np.ndarray(
+            shape=(data.nbytes,), dtype=np.uint8, buffer=data, strides=(1,)
+        )
+        heads[starts]  # the values are dropped: the loads are the point
 
 
 def _check_dtype(dtype: np.dtype, what: str) -> np.dtype:
@@ -273,7 +291,10 @@ class _MemmapArray(BigArray):
         # window ahead with madvise(WILLNEED) was measured on a cold 29 GiB file
         # and gained nothing reproducible: page faults with the kernel's own
         # read-around did as well.)
-        return np.take(self._map(), idx, axis=0)
+        mm = self._map()
+        if not self.fortran_order:
+            touch_row_heads(mm, idx * self.row_nbytes, self.row_nbytes)
+        return np.take(mm, idx, axis=0)
 
     def _where(self) -> str:
         return repr(self.path)
