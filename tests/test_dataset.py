@@ -372,3 +372,24 @@ def test_rows_left_out_warns(tmp_path):
     # 2 shards x batch 16: 33 rows leave 1 row for the last round.
     with pytest.warns(UserWarning, match="pad_remainder=True"):
         kb.BigArrayDataset(np.zeros((33, 1)), batch_size=16, num_shards=2)
+
+
+def test_default_block_is_whole_chunks_of_4_mib_or_1_mib_compressed(tmp_path):
+    import h5py
+
+    from keras_bigarray.sources import COMPRESSED_BLOCK_BYTES, DEFAULT_BLOCK_BYTES
+
+    rows = np.zeros((20_000, 256), np.float32)  # 1 KiB rows
+    np.save(tmp_path / "x.npy", rows)
+    ds = kb.BigArrayDataset(str(tmp_path / "x.npy"), shuffle="block")
+    assert ds.block_rows * 1024 == DEFAULT_BLOCK_BYTES == 4 << 20
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f.create_dataset("raw", data=rows, chunks=(300, 256))
+        f.create_dataset("gz", data=rows, chunks=(300, 256), compression="gzip")
+    h5 = str(tmp_path / "c.h5")
+    raw = kb.BigArrayDataset(kb.open_array(h5, key="raw"), shuffle="block")
+    gz = kb.BigArrayDataset(kb.open_array(h5, key="gz"), shuffle="block")
+    # Whole chunks, the fewest that reach the target bytes.
+    assert raw.block_rows % 300 == 0 and gz.block_rows % 300 == 0
+    assert (raw.block_rows - 300) * 1024 < DEFAULT_BLOCK_BYTES <= raw.block_rows * 1024
+    assert (gz.block_rows - 300) * 1024 < COMPRESSED_BLOCK_BYTES <= gz.block_rows * 1024
