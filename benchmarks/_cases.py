@@ -19,7 +19,17 @@ import numpy as np
 from _harness import CaseResult, Measurement, Variant, interleave, log, timed
 
 SEED = 1234
-SHUFFLE_WINDOW_NOTE = "block shuffle: 1 MiB blocks (1024 rows), windows of 16 blocks"
+
+
+def block_note(ds: Any) -> str:
+    """How a dataset's block shuffle reads: its block and window sizes."""
+    from keras_bigarray._memory import format_bytes
+
+    row = max(s.row_nbytes for s in ds._sources())
+    return (
+        f"block shuffle: {format_bytes(ds.block_rows * row)} blocks "
+        f"({ds.block_rows:,} rows), windows of {ds.shuffle_window} blocks"
+    )
 
 
 @dataclass
@@ -84,7 +94,7 @@ def case_pipeline(cfg: Config) -> CaseResult:
         f"{rows * x.row_nbytes / 2**30:.2f} GiB float32 .npy ({rows:,} rows of "
         f"{x.row_nbytes} bytes), batch {B}, one epoch ({nb} batches) per "
         f"measurement, {100 * (cached or 0):.0f}% of the file in the page cache. "
-        f"Batches are produced and dropped (no training). {SHUFFLE_WINDOW_NOTE}.",
+        "Batches are produced and dropped (no training).",
     )
 
     def make(mode: str, workers: int = 1) -> Any:
@@ -96,6 +106,8 @@ def case_pipeline(cfg: Config) -> CaseResult:
             drop_remainder=True,
             workers=workers,
         )
+
+    case.description += f" {block_note(make('block'))}."
 
     readers = {m: make(m).reader for m in ("sequential", "global", "block")}
     # np.take gets the very indices our reader reads in epoch 0, computed
@@ -291,6 +303,7 @@ def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
         # BigArrayDataset warns against global shuffle of gzip: measured here.
         warnings.simplefilter("ignore")
         samplers = {m: make(m).sampler for m in ("sequential", "global", "block")}
+    case.description += f" {block_note(kb.BigArrayDataset(x, shuffle='block'))}."
     global_idx = [samplers["global"].batch(0, i)[0] for i in range(nb)]
 
     # HDF5 keeps one chunk cache per dataset per process, sized by whichever
@@ -928,7 +941,8 @@ def case_huge(cfg: Config) -> CaseResult:
         f"{format_bytes(nbytes)} float32 .npy ({rows:,} rows of 1 KiB) on a machine "
         f"with {format_bytes(ram)} of RAM"
         + ("" if nbytes > ram else " (NOT larger than RAM: --huge-size override)")
-        + f", batch {B}, {SHUFFLE_WINDOW_NOTE}. The file's pages are dropped from "
+        + f", batch {B}, {block_note(_dataset(pair.x, shuffle='block'))}. "
+        "The file's pages are dropped from "
         "the page cache (posix_fadvise DONTNEED) before each measurement. The "
         "disk's rate is a plain sequential read of the file's first bytes with "
         "8 MiB reads."
