@@ -1,22 +1,30 @@
 """The HDF5 source. Uncompressed data (contiguous, or chunked without filters) is
-read straight from the file's bytes through a memory map, with no h5py lock;
-compressed data is read by whole chunks, each decoded once. Imports h5py lazily."""
+read straight from the file's bytes through a memory map, with no h5py lock.
+Chunks filtered only by deflate (gzip), shuffle and fletcher32 are read from the
+same map and decoded here (zlib releases the GIL, so reader threads decode in
+parallel) into an LRU cache of decoded chunks that each array owns. Any other
+filter is decoded by h5py, by whole chunks. Imports h5py lazily."""
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+import zlib
+from collections import OrderedDict
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from keras_bigarray.sources import BigArray, DuckArray, _check_dtype, touch_row_heads
 
-__all__ = ["HDF5Array", "from_h5py_dataset"]
+__all__ = ["CorruptChunkError", "HDF5Array", "from_h5py_dataset"]
 
 # h5py's own chunk cache is 1 MiB, smaller than one window of block shuffle, so
 # every batch would decode its chunks again. 64 MiB holds a 16-chunk window of
 # 4 MiB chunks; slots are a prime about 100x the chunks that fit (HDF5 docs).
+# The same size bounds the cache of chunks that we decode ourselves: HDF5 sizes
+# its cache by the first handle open on a dataset, so a user's own h5py handle
+# (1 MiB) would otherwise decide it.
 CHUNK_CACHE_BYTES = 64 << 20
 CHUNK_CACHE_SLOTS = 100_003
 
@@ -30,6 +38,149 @@ _PICKLED_PLAN_CHUNKS = 4096
 
 
 _REBUILD = "rebuild"  # a pickled plan too long to send: rebuilt on first read
+
+# The HDF5 filters decoded here (h5z.FILTER_*); any other goes through h5py.
+_DEFLATE, _SHUFFLE, _FLETCHER32 = 1, 2, 3
+_OUR_FILTERS = {_DEFLATE: "deflate", _SHUFFLE: "shuffle", _FLETCHER32: "fletcher32"}
+
+# Fletcher32 sums 16-bit words in blocks small enough that float64 sums stay
+# exact (< 2**53): one BLAS matrix-vector product a slab of blocks.
+_FLETCHER_BLOCK = 1 << 16
+_FLETCHER_SLAB = 16 * _FLETCHER_BLOCK
+
+
+class _Plan(NamedTuple):
+    """Where each chunk lies in the file (contiguous data: one chunk)."""
+
+    rows: int  # rows per chunk
+    offsets: np.ndarray  # int64 byte offset of each chunk
+    sizes: np.ndarray | None = None  # int64 stored bytes (filtered chunks only)
+    masks: np.ndarray | None = None  # uint32 skipped filters (filtered only)
+
+
+class CorruptChunkError(OSError):
+    """A stored chunk that does not decode to the bytes its dataset needs."""
+
+
+def _fletcher32_ok(data: np.ndarray, stored: int) -> bool:
+    """True when `stored` (the 4 bytes HDF5 appends, little-endian) is the
+    Fletcher-32 checksum of `data`, as HDF5 computes it (16-bit big-endian
+    words; an odd last byte is the high byte of a word)."""
+    m = (data.size + 1) // 2  # words
+    b = _FLETCHER_BLOCK
+    weights = np.arange(b, 0, -1, dtype=np.float64)  # b - j for word j of a block
+    s1 = s2 = 0
+    for lo in range(0, m, _FLETCHER_SLAB):
+        hi = min(m, lo + _FLETCHER_SLAB)
+        seg = data[2 * lo : 2 * hi]
+        if seg.size % 2:
+            seg = np.concatenate((seg, np.zeros(1, np.uint8)))
+        w = seg.view(">u2").astype(np.float64)
+        if w.size % b:
+            w = np.concatenate((w, np.zeros(-w.size % b)))
+        mat = w.reshape(-1, b)
+        sums = mat.sum(axis=1).astype(np.int64) % 65535
+        tails = (mat @ weights).astype(np.int64) % 65535  # exact: < 2**48
+        # Word j of block r has global index g = lo + r*b + j and weight m - g.
+        base = (m - lo - (np.arange(1, mat.shape[0] + 1, dtype=np.int64) * b)) % 65535
+        s1 += int(sums.sum())
+        s2 += int((base * sums % 65535).sum()) + int(tails.sum())
+    s1, s2 = s1 % 65535, s2 % 65535
+    # HDF5 before 1.6.3 stored the checksum with the bytes of each half swapped;
+    # HDF5 still accepts both. Halves are reduced sums, where 0 and 65535 agree.
+    for value in (stored, ((stored & 0x00FF00FF) << 8) | ((stored >> 8) & 0x00FF00FF)):
+        if (value & 0xFFFF) % 65535 == s1 and (value >> 16) % 65535 == s2:
+            return True
+    return False
+
+
+def _unshuffle(data: np.ndarray, size: int) -> np.ndarray:
+    """Undoes HDF5's byte shuffle: byte j of every element first, for each j."""
+    n = data.size // size
+    out = np.empty(data.size, dtype=np.uint8)
+    out[: n * size].reshape(n, size)[...] = data[: n * size].reshape(size, n).T
+    out[n * size :] = data[n * size :]  # a tail shorter than one element stays
+    return out
+
+
+def _decode_chunk(
+    raw: np.ndarray, pipeline: tuple[tuple[int, int], ...], mask: int, nbytes: int
+) -> np.ndarray:
+    """The `nbytes` decoded bytes of one stored chunk (read-only uint8).
+
+    `pipeline` holds `(filter id, shuffle element size)` in the order HDF5 applied
+    the filters; bit i of `mask` set means filter i was skipped for this chunk.
+    Raises ValueError on bytes that do not decode.
+    """
+    # The size each filter received when the chunk was written; unknown (None)
+    # after a deflate.
+    sizes: list[int | None] = [nbytes]
+    for i, (fid, _) in enumerate(pipeline):
+        size = sizes[-1]
+        if size is not None and not mask >> i & 1:
+            size = None if fid == _DEFLATE else size + (4 if fid == _FLETCHER32 else 0)
+        sizes.append(size)
+    data, owned = raw, False  # owned: no longer a view of the file's bytes
+    for i in range(len(pipeline) - 1, -1, -1):
+        if mask >> i & 1:
+            continue
+        fid, elem = pipeline[i]
+        if fid == _DEFLATE:
+            try:
+                out = zlib.decompress(data, bufsize=sizes[i] or zlib.DEF_BUF_SIZE)
+            except zlib.error as e:
+                raise ValueError(f"deflate: {e}") from None
+            data = np.frombuffer(out, np.uint8)
+            owned = True
+        elif fid == _FLETCHER32:
+            if data.size < 4:
+                raise ValueError("too short for its fletcher32 checksum")
+            stored = int.from_bytes(data[-4:].tobytes(), "little")
+            data = data[:-4]
+            if not _fletcher32_ok(data, stored):
+                raise ValueError("fletcher32 checksum mismatch")
+        elif fid == _SHUFFLE and elem > 1:
+            data, owned = _unshuffle(data, elem), True
+        if sizes[i] is not None and data.size != sizes[i]:
+            raise ValueError(
+                f"{_OUR_FILTERS[fid]} gave {data.size} bytes, expected {sizes[i]}"
+            )
+    if data.size != nbytes:
+        raise ValueError(f"decoded {data.size} bytes, expected {nbytes}")
+    if not owned:
+        data = np.array(data)
+    data.flags.writeable = False
+    return data
+
+
+class _ChunkCache:
+    """Decoded chunks, least recently used dropped first; thread-safe."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.nbytes = 0
+        self._lock = threading.Lock()
+        self._items: OrderedDict[int, tuple[np.ndarray, int]] = OrderedDict()
+
+    def get(self, key: int) -> np.ndarray | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: int, value: np.ndarray, cost: int) -> None:
+        if cost > self.capacity:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:  # another thread decoded it too
+                self.nbytes -= old[1]
+            self._items[key] = (value, cost)
+            self.nbytes += cost
+            while self.nbytes > self.capacity:
+                self.nbytes -= self._items.popitem(last=False)[1][1]
 
 
 def _h5py():
@@ -56,7 +207,8 @@ class HDF5Array(BigArray):
         path: the HDF5 file.
         key: the dataset's path in the file; may be left out when the file holds
             exactly one dataset.
-        chunk_cache_bytes: size of HDF5's chunk cache for compressed data.
+        chunk_cache_bytes: size of the cache of decoded chunks for compressed
+            data (ours for deflate, shuffle and fletcher32; HDF5's otherwise).
     """
 
     def __init__(
@@ -69,6 +221,9 @@ class HDF5Array(BigArray):
         h5py = _h5py()
         self.path = os.fspath(path)
         self.chunk_cache_bytes = int(chunk_cache_bytes)
+        self._local = threading.local()
+        self._pid = -1
+        self._cache: _ChunkCache | None = None
         if not h5py.is_hdf5(self.path):
             raise ValueError(f"'{self.path}' is not an HDF5 file")
         with h5py.File(self.path, "r") as f:
@@ -105,46 +260,99 @@ class HDF5Array(BigArray):
                 str(k)
                 for k in obj._filters  # noqa: SLF001 - h5py's filter map
             )
+            self._pipeline = self._our_pipeline(obj)
             self._byte_plan = self._plan_direct_reads(obj)
-        self._local = threading.local()
-        self._pid = -1
+            if not self._edge_chunk_decodes(obj):
+                self._byte_plan = None
 
     # ---- how rows are found in the file --------------------------------------
-    def _plan_direct_reads(self, ds: Any) -> tuple[int, np.ndarray | None] | None:
-        """`(rows per chunk, chunk byte offsets)` when bytes can be read directly.
+    def _our_pipeline(self, ds: Any) -> tuple[tuple[int, int], ...] | None:
+        """The filters in the order HDF5 applied them, as `(filter id, shuffle
+        element size)`; None when one of them is not decoded here."""
+        plist = ds.id.get_create_plist()
+        pipeline = []
+        for i in range(plist.get_nfilters()):
+            fid, _flags, values, _name = plist.get_filter(i)
+            if fid not in _OUR_FILTERS:
+                return None
+            elem = int(values[0]) if fid == _SHUFFLE and values else 0
+            pipeline.append((int(fid), elem or self.dtype.itemsize))
+        return tuple(pipeline)
+
+    def _plan_direct_reads(self, ds: Any) -> _Plan | None:
+        """Where each chunk's bytes lie, when they can be read without h5py:
+        unfiltered, or filtered only by filters decoded here.
 
         Contiguous data is one chunk of every row. None: go through h5py.
         """
         if self.dtype.byteorder == ">" or ds.id.get_create_plist().get_external_count():
             return None
+        if ds.id.get_type().get_size() != self.dtype.itemsize:
+            return None  # the file's element is not numpy's: let HDF5 convert
         if ds.chunks is None:
             offset = ds.id.get_offset()
             if offset is None:  # never written: HDF5 serves the fill value
                 return None
-            return len(self), np.array([offset], dtype=np.int64)
-        if self.filters or ds.chunks[1:] != self.shape[1:]:
+            return _Plan(len(self), np.array([offset], dtype=np.int64))
+        if self._pipeline is None or ds.chunks[1:] != self.shape[1:]:
+            return None
+        filtered = bool(self._pipeline)
+        if filtered and self.row_nbytes == 0:
             return None
         rows = ds.chunks[0]
         n_chunks = -(-len(self) // rows)
         offsets = np.full(n_chunks, -1, dtype=np.int64)
+        sizes = np.zeros(n_chunks, dtype=np.int64)
+        masks = np.zeros(n_chunks, dtype=np.uint32)
+
+        def visit(info: Any) -> None:
+            c = info.chunk_offset[0] // rows
+            if c < n_chunks:
+                offsets[c] = info.byte_offset
+                sizes[c] = info.size
+                masks[c] = info.filter_mask
+
         if hasattr(ds.id, "chunk_iter"):
-
-            def visit(info: Any) -> None:
-                offsets[info.chunk_offset[0] // rows] = info.byte_offset
-
             ds.id.chunk_iter(visit)
         else:  # pragma: no cover - HDF5 < 1.12.3
             for i in range(ds.id.get_num_chunks()):
-                info = ds.id.get_chunk_info(i)
-                offsets[info.chunk_offset[0] // rows] = info.byte_offset
+                visit(ds.id.get_chunk_info(i))
         if (offsets < 0).any():  # unwritten chunks hold the fill value
             return None
-        return rows, offsets
+        if filtered:
+            return _Plan(rows, offsets, sizes, masks)
+        return _Plan(rows, offsets)
+
+    def _edge_chunk_decodes(self, ds: Any) -> bool:
+        """False when a partial last chunk does not decode to what h5py reads.
+
+        HDF5 may store partial edge chunks unfiltered (a layout option h5py
+        cannot query); one chunk decoded at open rules that out.
+        """
+        plan = self._byte_plan
+        if plan is None or plan.sizes is None or not len(self) % plan.rows:
+            return True
+        last = plan.offsets.size - 1
+        try:
+            got = self._chunk(last, cache=False)
+        except CorruptChunkError:
+            return False
+        expected = np.ascontiguousarray(ds[last * plan.rows :])
+        return got.tobytes() == expected.tobytes()
 
     @property
     def direct(self) -> bool:
-        """True when rows are read from the file's bytes without h5py."""
+        """True when rows are read from the file's bytes without h5py (and
+        decoded here when the chunks are compressed)."""
         return self._byte_plan is not None
+
+    @property
+    def decode(self) -> str:
+        """Who turns stored bytes into rows: "none" (stored as they are, read
+        directly), "ours" (filters undone here, without h5py) or "h5py"."""
+        if self._byte_plan is None:
+            return "h5py"
+        return "ours" if self._pipeline else "none"
 
     @property
     def compressed(self) -> bool:
@@ -160,9 +368,10 @@ class HDF5Array(BigArray):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_local"]
+        state["_cache"] = None
         state["_pid"] = -1
         plan = state["_byte_plan"]
-        if plan is not None and plan[1].size > _PICKLED_PLAN_CHUNKS:
+        if isinstance(plan, _Plan) and plan.offsets.size > _PICKLED_PLAN_CHUNKS:
             state["_byte_plan"] = _REBUILD
         return state
 
@@ -171,10 +380,12 @@ class HDF5Array(BigArray):
         self._local = threading.local()
 
     def _handles(self) -> Any:
-        # After fork the parent's handles are unusable: reopen in each process.
+        # After fork the parent's handles, and its cache's lock, are unusable:
+        # each process opens its own and decodes into its own cache.
         pid = os.getpid()
         if self._pid != pid:
             self._local = threading.local()
+            self._cache = _ChunkCache(self.chunk_cache_bytes)
             self._pid = pid
         local = self._local
         if not hasattr(local, "bytes"):
@@ -202,15 +413,15 @@ class HDF5Array(BigArray):
         return local.ds
 
     # ---- reading -----------------------------------------------------------------
-    def _plan(self) -> tuple[int, np.ndarray]:
+    def _plan(self) -> _Plan:
         if isinstance(self._byte_plan, str):
             self._byte_plan = self._plan_direct_reads(self._dataset())
         return self._byte_plan  # type: ignore[return-value]
 
     def _gather_bytes(self, idx: np.ndarray) -> np.ndarray:
-        rows, offsets = self._plan()
-        width = self.row_nbytes
-        where = offsets[idx // rows] + (idx % rows) * width
+        plan = self._plan()
+        rows, width = plan.rows, self.row_nbytes
+        where = plan.offsets[idx // rows] + (idx % rows) * width
         raw = self._file_bytes()
         if width == 0:
             return np.empty((idx.size, *self.shape[1:]), dtype=self.dtype)
@@ -226,13 +437,76 @@ class HDF5Array(BigArray):
         out = rows_at[where]
         return out.view(self.dtype).reshape(idx.size, *self.shape[1:])
 
+    def _chunk(self, c: int, cache: bool = True) -> np.ndarray:
+        """Chunk `c` decoded here, as read-only rows (cut at the dataset's end).
+
+        Decoded chunks go to this process's LRU cache; two threads that miss
+        the same chunk both decode it, and the cache keeps one.
+        """
+        self._handles()
+        lru = self._cache
+        if cache and lru is not None:
+            block = lru.get(c)
+            if block is not None:
+                return block
+        plan = self._plan()
+        rows = plan.rows
+        at, size = int(plan.offsets[c]), int(plan.sizes[c])  # type: ignore[index]
+        nbytes = rows * self.row_nbytes  # HDF5 stores edge chunks whole
+        stored = self._file_bytes()[at : at + size]
+        try:
+            if stored.size != size:
+                raise ValueError("the file ends inside it")
+            mask = int(plan.masks[c])  # type: ignore[index]
+            data = _decode_chunk(stored, self._pipeline, mask, nbytes)  # type: ignore[arg-type]
+        except ValueError as e:
+            lo = c * rows
+            raise CorruptChunkError(
+                f"{self._where()}: chunk {c} (rows {lo}:{min(len(self), lo + rows)},"
+                f" {size} bytes at byte {at}) does not decode: {e}"
+            ) from e
+        block = data.view(self.dtype).reshape(rows, *self.shape[1:])
+        block = block[: min(rows, len(self) - c * rows)]
+        if cache and lru is not None:
+            lru.put(c, block, nbytes)
+        return block
+
+    def _read_decoded(self, idx: np.ndarray) -> np.ndarray:
+        # Chunk by chunk, each taken from the cache or decoded once: memory
+        # stays at the cache, the batch and the chunk being decoded.
+        rows = self._plan().rows
+        chunk = idx // rows
+        cuts = np.flatnonzero(chunk[1:] != chunk[:-1]) + 1
+        first = np.concatenate(([0], cuts)).tolist()
+        last = np.concatenate((cuts, [idx.size])).tolist()
+        out = np.empty((idx.size, *self.shape[1:]), dtype=self.dtype)
+        for a, b in zip(first, last, strict=True):
+            c = int(chunk[a])
+            # In range by construction; mode="raise" would copy through a buffer.
+            np.take(
+                self._chunk(c), idx[a:b] - c * rows, axis=0, out=out[a:b], mode="clip"
+            )
+        return out
+
+    def _read_decoded_range(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        rows = self._plan().rows
+        if stop > start:
+            for c in range(start // rows, (stop - 1) // rows + 1):
+                lo = c * rows
+                a, b = max(start, lo), min(stop, lo + rows)
+                out[a - start : b - start] = self._chunk(c)[a - lo : b - lo]
+        return out
+
     def _read_range(self, start: int, stop: int) -> np.ndarray:
         if self._byte_plan is not None:
-            rows, offsets = self._plan()
-            if offsets.size == 1:  # contiguous: one slice of the file
+            plan = self._plan()
+            if plan.sizes is not None:
+                return self._read_decoded_range(start, stop)
+            if plan.offsets.size == 1:  # contiguous: one slice of the file
                 width = self.row_nbytes
                 raw = self._file_bytes()
-                a = int(offsets[0]) + start * width
+                a = int(plan.offsets[0]) + start * width
                 block = np.array(raw[a : a + (stop - start) * width])
                 return block.view(self.dtype).reshape(stop - start, *self.shape[1:])
             return self._gather_bytes(np.arange(start, stop, dtype=np.int64))
@@ -240,6 +514,8 @@ class HDF5Array(BigArray):
 
     def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
         if self._byte_plan is not None:
+            if self._plan().sizes is not None:
+                return self._read_decoded(idx)
             return self._gather_bytes(idx)
         # Through h5py: read whole chunks, each once, then gather in memory
         # (h5py's own fancy indexing reads chunk by chunk per point, ~800x slower).
@@ -275,6 +551,7 @@ class HDF5Array(BigArray):
             "chunks": self.chunks,
             "filters": self.filters,
             "direct_reads": self.direct,
+            "decode": self.decode,
         }
 
 

@@ -226,7 +226,10 @@ def _format_of(arr: Any) -> str:
         return f"raw binary (offset {arr.offset} bytes, memory-mapped)"
     if kind == "HDF5Array":
         layout = "contiguous" if arr.chunks is None else "chunked"
-        how = "read from the file's bytes" if arr.direct else "read through h5py"
+        how = {
+            "none": "read from the file's bytes",
+            "ours": "read from the file's bytes, chunks decoded by keras-bigarray",
+        }.get(getattr(arr, "decode", ""), "read through h5py")
         return f"HDF5 dataset, {layout}, {how}"
     if kind == "ShardedArray":
         inner = _format_of(arr.parts[0])
