@@ -431,7 +431,7 @@ def gather_limit(path: str, batches: list[np.ndarray], budget: float):
     import keras_bigarray as kb
 
     src = kb.open_array(path, key="x")
-    rows_per_chunk, offsets = src._byte_plan
+    rows_per_chunk, offsets = src._byte_plan[:2]
     width = src.row_nbytes
     raw = np.memmap(path, dtype=np.uint8, mode="r")
     items = np.ndarray(
