@@ -11,11 +11,18 @@ import os
 import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from keras_bigarray.sources import BigArray, DuckArray, _check_dtype, touch_row_heads
+from keras_bigarray.sources import (
+    BigArray,
+    DuckArray,
+    FileHints,
+    _check_dtype,
+    touch_row_heads,
+)
 
 __all__ = ["CorruptChunkError", "HDF5Array", "from_h5py_dataset"]
 
@@ -223,6 +230,7 @@ class HDF5Array(BigArray):
         self.chunk_cache_bytes = int(chunk_cache_bytes)
         self._local = threading.local()
         self._pid = -1
+        self._hints = FileHints(self.path)
         self._cache: _ChunkCache | None = None
         if not h5py.is_hdf5(self.path):
             raise ValueError(f"'{self.path}' is not an HDF5 file")
@@ -417,6 +425,22 @@ class HDF5Array(BigArray):
         if isinstance(self._byte_plan, str):
             self._byte_plan = self._plan_direct_reads(self._dataset())
         return self._byte_plan  # type: ignore[return-value]
+
+    def will_need(self, ranges: Sequence[tuple[int, int]]) -> None:
+        if self._byte_plan is None:  # read through h5py: no byte spans
+            return
+        plan = self._plan()
+        w = self.row_nbytes
+        if plan.offsets.size == 1 and plan.sizes is None:  # contiguous
+            at = int(plan.offsets[0])
+            self._hints.will_need((at + a * w, (b - a) * w) for a, b in ranges)
+            return
+        spans = []
+        for a, b in ranges:
+            for c in range(a // plan.rows, -(-b // plan.rows)):
+                size = plan.rows * w if plan.sizes is None else int(plan.sizes[c])
+                spans.append((int(plan.offsets[c]), size))
+        self._hints.will_need(spans)
 
     def _gather_bytes(self, idx: np.ndarray) -> np.ndarray:
         plan = self._plan()

@@ -4,6 +4,7 @@ storage dtype, with zero-filled padding rows and their 0/1 weights."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -53,9 +54,61 @@ class BatchReader:
         self.data = data
         self.sampler = sampler
         self.row_offset = int(row_offset)
+        self._hinted: list[tuple[int, int]] = []
+        self._hinted_blocks: set[tuple[int, int]] = set()
+        self._hint_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_hinted"] = []
+        state["_hinted_blocks"] = set()
+        del state["_hint_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._hint_lock = threading.Lock()
+
+    def _hint_windows(self, epoch: int, index: int) -> None:
+        """Under block shuffle, asks the OS to read the blocks of this window's
+        and the next window's batches while this one's are read (see
+        `FileHints`): large reads in flight instead of one page fault at a time.
+
+        Batches go in groups of one window's rows; the first batch read of a
+        group hints it and the next group, once, by the blocks their first and
+        last batches touch (a batch draws rows from every block of its window).
+        """
+        s = self.sampler
+        per = max(1, (s.block_rows * s.window_blocks) // s.batch_size)
+        for group in (index // per, index // per + 1):
+            first = group * per
+            if first >= s.num_batches:
+                return
+            with self._hint_lock:
+                if (epoch, group) in self._hinted:
+                    continue
+                self._hinted = [*self._hinted[-7:], (epoch, group)]
+            last = min(first + per, s.num_batches) - 1
+            rows = np.concatenate([s.batch(epoch, first)[0], s.batch(epoch, last)[0]])
+            br, off, n = s.block_rows, self.row_offset, s.num_rows
+            with self._hint_lock:  # a block in two groups' windows: hint it once
+                blocks = [
+                    b
+                    for b in np.unique(rows // br).tolist()
+                    if (epoch, b) not in self._hinted_blocks
+                ]
+                self._hinted_blocks.update((epoch, b) for b in blocks)
+                if len(self._hinted_blocks) > 64 * s.window_blocks:
+                    self._hinted_blocks = {(epoch, b) for b in blocks}
+            ranges = [(b * br + off, min(b * br + br, n) + off) for b in blocks]
+            for src in flatten(self.data):
+                if src is not None:
+                    src.will_need(ranges)
 
     def read(self, epoch: int, index: int) -> tuple[Any, ...]:
         """Batch `index` of `epoch` as `(x,)`, `(x, y)` or `(x, y, sample_weight)`."""
+        if self.sampler.mode == "block":
+            self._hint_windows(epoch, index)
         rows, num_real = self.sampler.batch(epoch, index)
         rows = rows + self.row_offset if self.row_offset else rows
         size = self.sampler.batch_size if self.sampler.pad_remainder else num_real

@@ -58,6 +58,22 @@ def draw_seed() -> int:
     return int(np.random.SeedSequence().entropy % (1 << 63))
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch_uint32(n: int, count: int) -> list[np.ndarray]:
+    """`count` uint32 work arrays of length `n`, reused by this thread.
+
+    Fresh arrays of a few hundred KiB come from mmap and fault in every page
+    when first written; reusing them made the Feistel rounds ~2.5x faster.
+    """
+    have = getattr(_SCRATCH, "arrays", None)
+    if have is None or have.shape[0] < count or have.shape[1] < n:
+        have = np.empty((max(count, 4), max(n, _CHUNK)), dtype=np.uint32)
+        _SCRATCH.arrays = have
+    return [have[i, :n] for i in range(count)]
+
+
 def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
     # splitmix64's finaliser over (x + key): a fast, well-mixed round function.
     z = (x + key) * _C1
@@ -107,11 +123,12 @@ class Permutation:
         a32 = np.uint32(a)
         # x < a * a <= 2**32: the split runs in uint32 (numpy's int64 division
         # is ~6x slower).
-        x32 = x.astype(np.uint32)
-        left = x32 // a32
-        right = x32 - left * a32
-        spare = np.empty_like(right)
-        tmp = np.empty_like(right)
+        x32, left, right, spare = _scratch_uint32(x.size, 4)
+        np.copyto(x32, x, casting="unsafe")
+        np.floor_divide(x32, a32, out=left)
+        np.multiply(left, a32, out=right)
+        np.subtract(x32, right, out=right)
+        tmp = x32
         keys = self._keys32 if not inverse else self._keys32[::-1]
         for k in keys:
             # (L, R) -> (R, (L + F(R)) mod a); inverse: (L', R') ->
@@ -138,7 +155,10 @@ class Permutation:
                 left, right, spare = f, left, right
             else:
                 left, right, spare = right, f, left
-        return left.astype(np.int64) * a + right
+        out = left.astype(np.int64)
+        out *= a
+        out += right
+        return out
 
     def _rounds(self, x: np.ndarray, inverse: bool) -> np.ndarray:
         if self.a <= _SMALL_HALF:
@@ -357,12 +377,21 @@ class Sampler:
             # The window's few block slots through the block permutation, then
             # each row's slot by lookup (not the permutation per row); uint32
             # division (a window holds < 2**32 rows) is ~6x int64's.
+            # In place into this thread's scratch: fresh arrays of this size
+            # fault in every page.
             firsts = blocks(np.arange(wi * w, wi * w + nblk, dtype=np.int64)) * br
+            out = rows[done : done + count]
             if w * br < 1 << 32:
-                s = qp.astype(np.uint32) // np.uint32(br)
+                s, sbr = _scratch_uint32(count, 2)
+                np.copyto(s, qp, casting="unsafe")
+                np.floor_divide(s, np.uint32(br), out=s)
+                np.multiply(s, np.uint32(br), out=sbr)
+                np.subtract(qp, sbr, out=qp)  # the row within its block
             else:
                 s = qp // br
-            rows[done : done + count] = firsts[s] + (qp - s.astype(np.int64) * br)
+                qp -= s * br
+            np.take(firsts, s, out=out)
+            out += qp
             done += count
             wi += 1
         return rows
@@ -398,9 +427,14 @@ class Sampler:
         small = self.num_rows <= 1 << 32
         full = (rows.size // b) * b
         head = rows[:full].reshape(-1, b)
-        head = np.sort(head.astype(np.uint32) if small else head, axis=1).astype(
-            np.int64
-        )
+        if small:
+            (work,) = _scratch_uint32(full, 1)
+            work = work.reshape(-1, b)
+            np.copyto(work, head, casting="unsafe")
+            work.sort(axis=1)
+            head[...] = work
+        else:
+            head.sort(axis=1)
         batches = list(head)
         if full < rows.size:
             batches.append(np.sort(rows[full:]))

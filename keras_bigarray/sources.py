@@ -11,7 +11,8 @@ import mmap
 import os
 import re
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -74,6 +75,48 @@ def touch_row_heads(data: np.ndarray, starts: np.ndarray, row_nbytes: int) -> No
             shape=(data.nbytes,), dtype=np.uint8, buffer=data, strides=(1,)
         )
         heads[starts]  # the values are dropped: the loads are the point
+
+
+class FileHints:
+    """Starts reading byte ranges of one file into the page cache without
+    waiting (`posix_fadvise(WILLNEED)`): hints, so every failure is silent.
+
+    Reading a cold file through a memory map faults its pages in 128 KiB
+    read-arounds, one at a time per reader thread; a hint for a whole
+    block-shuffle window ahead keeps the disk busy with large reads instead.
+    One descriptor per process, opened on first use; pickles as its path.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd: int | None = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_fd": None, "_pid": -1}
+
+    def will_need(self, spans: Iterable[tuple[int, int]]) -> None:
+        """Hints `(byte offset, length)` spans."""
+        if not hasattr(os, "posix_fadvise"):  # pragma: no cover - not Linux
+            return
+        if self._pid != os.getpid():
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                fd = None
+            else:
+                weakref.finalize(self, os.close, fd)
+            self._fd = fd
+            self._pid = os.getpid()
+        fd = self._fd
+        if fd is None:
+            return
+        for offset, length in spans:
+            if length > 0:
+                try:
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    return
 
 
 def _check_dtype(dtype: np.dtype, what: str) -> np.dtype:
@@ -186,6 +229,12 @@ class BigArray(abc.ABC):
             return self._read_range(first, last + 1)
         return self._read_sorted(idx)
 
+    def will_need(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Hints that rows `[a, b)` of each range will be read soon, so the OS
+        can start reading them from disk now. Does nothing where the source
+        cannot tell (in memory, through h5py or a duck array)."""
+        del ranges  # a hint: sources that cannot act on it ignore it
+
     def take(self, indices: Any) -> np.ndarray:
         """Rows at `indices`, in the order given (numpy `take` on axis 0)."""
         idx = _index.normalize_indices(indices, len(self))
@@ -261,6 +310,7 @@ class _MemmapArray(BigArray):
         self.offset = int(offset)
         self.fortran_order = bool(fortran_order) and len(self.shape) > 1
         self._mm: np.memmap | None = None
+        self._hints = FileHints(self.path)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -290,12 +340,15 @@ class _MemmapArray(BigArray):
     def _read_range(self, start: int, stop: int) -> np.ndarray:
         return np.array(self._map()[start:stop], order="C")
 
+    def will_need(self, ranges: Sequence[tuple[int, int]]) -> None:
+        if self.fortran_order:  # rows are scattered: no useful span
+            return
+        w = self.row_nbytes
+        self._hints.will_need((self.offset + a * w, (b - a) * w) for a, b in ranges)
+
     def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
         # One C loop over the rows; for page-cache-resident data this is the
-        # bare `np.take` the benchmarks compare against. (Reading a block-shuffle
-        # window ahead with madvise(WILLNEED) was measured on a cold 29 GiB file
-        # and gained nothing reproducible: page faults with the kernel's own
-        # read-around did as well.)
+        # bare `np.take` the benchmarks compare against.
         mm = self._map()
         if not self.fortran_order:
             touch_row_heads(mm, idx * self.row_nbytes, self.row_nbytes)
@@ -530,6 +583,15 @@ class ShardedArray(BigArray):
 
     def _read_range(self, start: int, stop: int) -> np.ndarray:
         return self._read_sorted(np.arange(start, stop, dtype=np.int64))
+
+    def will_need(self, ranges: Sequence[tuple[int, int]]) -> None:
+        bounds = self.bounds.tolist()
+        for k, part in enumerate(self.parts):
+            lo, hi = bounds[k], bounds[k + 1]
+            mine = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in ranges]
+            mine = [(a, b) for a, b in mine if a < b]
+            if mine:
+                part.will_need(mine)
 
     def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
         pieces = [

@@ -393,3 +393,69 @@ def test_default_block_is_whole_chunks_of_4_mib_or_1_mib_compressed(tmp_path):
     assert raw.block_rows % 300 == 0 and gz.block_rows % 300 == 0
     assert (raw.block_rows - 300) * 1024 < DEFAULT_BLOCK_BYTES <= raw.block_rows * 1024
     assert (gz.block_rows - 300) * 1024 < COMPRESSED_BLOCK_BYTES <= gz.block_rows * 1024
+
+
+# ---- read-ahead hints under block shuffle ---------------------------------------
+
+
+def _byte_span(src, row: int) -> tuple[str, int, int]:
+    """The file and bytes that reading `row` of `src` touches."""
+    from keras_bigarray._hdf5 import HDF5Array
+    from keras_bigarray.sources import ShardedArray
+
+    if isinstance(src, ShardedArray):
+        k = int(np.searchsorted(src.bounds, row, side="right")) - 1
+        return _byte_span(src.parts[k], row - int(src.bounds[k]))
+    w = src.row_nbytes
+    if isinstance(src, HDF5Array):
+        plan = src._plan()
+        c = row // plan.rows
+        if plan.sizes is not None:  # compressed: the whole stored chunk
+            return src.path, int(plan.offsets[c]), int(plan.offsets[c] + plan.sizes[c])
+        at = int(plan.offsets[c]) + (row % plan.rows) * w
+        return src.path, at, at + w
+    return src.path, src.offset + row * w, src.offset + (row + 1) * w
+
+
+@pytest.mark.parametrize(
+    "kind", ["npy", "raw", "h5_contiguous", "h5_chunked", "h5_gzip", "shards"]
+)
+def test_block_shuffle_hints_every_row_before_it_is_read(tmp_path, monkeypatch, kind):
+    import os
+
+    hinted: dict[str, list[tuple[int, int]]] = {}
+
+    def fadvise(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_WILLNEED
+        path = os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))
+        hinted.setdefault(path, []).append((offset, offset + length))
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    n = 211
+    x = open_kind(kind, tmp_path, indexed_rows(n, (3,)))
+    ds = kb.BigArrayDataset(
+        x, batch_size=4, shuffle="block", block_rows=5, shuffle_window=3, rows=(9, n)
+    )
+    for i in range(len(ds)):
+        (batch,) = ds[i]
+        for r in row_ids(batch):
+            path, a, b = _byte_span(x, int(r))
+            spans = hinted.get(os.path.realpath(path), [])
+            assert any(lo <= a and b <= hi for lo, hi in spans), (i, int(r))
+    if kind == "npy":  # each block once: no more than the rows read, in bytes
+        total = sum(hi - lo for spans in hinted.values() for lo, hi in spans)
+        assert total <= (n - 9) * x.row_nbytes
+
+
+def test_failing_hints_change_nothing(tmp_path, monkeypatch):
+    import os
+
+    def fadvise(*_):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    x = open_kind("npy", tmp_path, indexed_rows(100, (2,)))
+    ds = kb.BigArrayDataset(x, batch_size=8, shuffle="block", block_rows=4, seed=3)
+    ids = np.concatenate([row_ids(b[0]) for b in ds.iterate_epoch(0)])
+    assert sorted(ids.tolist()) == list(range(100))
+    assert pickle.loads(pickle.dumps(ds))[0][0].shape == (8, 2)
