@@ -150,7 +150,7 @@ def recommend(
             (
                 f"larger than the {format_bytes(available)} of available memory: "
                 "every epoch reads from disk, and block shuffle keeps those reads "
-                "near-sequential (4 MiB blocks)"
+                "near-sequential (1 MiB blocks)"
             ),
         )
     elif cached is not None and cached >= _CACHED_FRACTION:

@@ -19,16 +19,11 @@ import numpy as np
 from keras_bigarray import _keras_adapter
 from keras_bigarray.reading import BatchReader, flatten, map_structure
 from keras_bigarray.sampling import Sampler, draw_seed, normalize_shuffle
-from keras_bigarray.sources import (
-    COMPRESSED_BLOCK_BYTES,
-    DEFAULT_BLOCK_BYTES,
-    BigArray,
-    open_array,
-)
+from keras_bigarray.sources import DEFAULT_BLOCK_BYTES, BigArray, open_array
 
 __all__ = ["BigArrayDataset"]
 
-# Shuffle windows of this many blocks: 16 x 4 MiB keeps a window in the page
+# Shuffle windows of this many blocks: 16 x 1 MiB keeps a window in the page
 # cache of any machine while mixing rows from 16 places of the file per batch.
 DEFAULT_SHUFFLE_WINDOW = 16
 
@@ -120,9 +115,7 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
         rows: restrict the dataset to rows `start:stop` of the arrays (a slice,
             `range` or pair), without copying; see `validation_split`.
         block_rows: rows per block for `shuffle="block"`; defaults to the
-            source's natural block (HDF5 chunk rows) grown to at least 4 MiB
-            (1 MiB when compressed, so that a window of decoded chunks fits
-            the chunk cache).
+            source's natural block (HDF5 chunk rows) grown to at least 1 MiB.
         shuffle_window: blocks per shuffle window for `shuffle="block"`.
         mp_context: start method for worker processes (`"fork"`, `"spawn"`,
             `"forkserver"`); None uses Python's default, as Keras does. Sources
@@ -286,13 +279,11 @@ class BigArrayDataset(keras.utils.PyDataset, _keras_adapter.DataAdapter):
 
     def _default_block_rows(self) -> int:
         # The source that dominates I/O decides the block: its natural block
-        # (HDF5 chunk rows), grown by whole blocks to at least 4 MiB (1 MiB when
-        # compressed: a window of decoded chunks must fit the chunk cache).
+        # (HDF5 chunk rows), grown by whole blocks to at least 1 MiB.
         widest = max(self._sources(), key=lambda s: s.row_nbytes)
         natural = widest.block_rows
         per_block = max(1, natural * widest.row_nbytes)
-        target = COMPRESSED_BLOCK_BYTES if widest.compressed else DEFAULT_BLOCK_BYTES
-        return natural * max(1, -(-target // per_block))
+        return natural * max(1, -(-DEFAULT_BLOCK_BYTES // per_block))
 
     # ---- the PyDataset contract ----------------------------------------------------
     def __len__(self) -> int:

@@ -75,8 +75,7 @@ class BatchReader:
         `FileHints`): large reads in flight instead of one page fault at a time.
 
         Batches go in groups of one window's rows; the first batch read of a
-        group hints it and the next group, once, by the blocks their first and
-        last batches touch (a batch draws rows from every block of its window).
+        group hints the blocks of its windows and of the next group's, once.
         """
         s = self.sampler
         per = max(1, (s.block_rows * s.window_blocks) // s.batch_size)
@@ -88,15 +87,10 @@ class BatchReader:
                 if (epoch, group) in self._hinted:
                     continue
                 self._hinted = [*self._hinted[-7:], (epoch, group)]
-            last = min(first + per, s.num_batches) - 1
-            rows = np.concatenate([s.batch(epoch, first)[0], s.batch(epoch, last)[0]])
             br, off, n = s.block_rows, self.row_offset, s.num_rows
+            touched = s.batch_blocks(epoch, first, first + per).tolist()
             with self._hint_lock:  # a block in two groups' windows: hint it once
-                blocks = [
-                    b
-                    for b in np.unique(rows // br).tolist()
-                    if (epoch, b) not in self._hinted_blocks
-                ]
+                blocks = [b for b in touched if (epoch, b) not in self._hinted_blocks]
                 self._hinted_blocks.update((epoch, b) for b in blocks)
                 if len(self._hinted_blocks) > 64 * s.window_blocks:
                     self._hinted_blocks = {(epoch, b) for b in blocks}

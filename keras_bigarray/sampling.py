@@ -341,28 +341,56 @@ class Sampler:
             return self._perm(epoch, 0, self.num_rows)(pos)
         return self._block_order(epoch, pos)
 
-    def _block_order(self, epoch: int, pos: np.ndarray) -> np.ndarray:
+    def _windows(self, epoch: int) -> tuple[Permutation, int, int, int]:
+        """`(block permutation, w_star, s_star, hole)` of an epoch's block order.
+
+        The partial last block (`hole` rows short) sits in slot `s_star` of
+        window `w_star`; without one, `w_star` is past every window.
+        """
         n, br, w = self.num_rows, self.block_rows, self.window_blocks
         nblocks = -(-n // br)
-        last_len = n - (nblocks - 1) * br
-        hole = br - last_len  # rows missing from the partial last block
+        hole = nblocks * br - n  # rows missing from the partial last block
         blocks = self._perm(epoch, 1, nblocks)
-        win_rows = w * br
         if hole:
             slot = int(blocks.inverse(np.array([nblocks - 1]))[0])
             w_star, s_star = divmod(slot, w)
         else:
             w_star, s_star = nblocks, 0  # no window is short
+        return blocks, w_star, s_star, hole
+
+    def _window_at(self, p: int, w_star: int, hole: int) -> int:
+        # Windows after the one holding the partial block start `hole` earlier.
+        win_rows = self.window_blocks * self.block_rows
+        if p >= (w_star + 1) * win_rows - hole:
+            return (p + hole) // win_rows
+        return p // win_rows
+
+    def batch_blocks(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """The blocks (row `b * block_rows` on) that batches `start:stop` of
+        `epoch` read under block shuffle: every block of their windows."""
+        b, length = self.batch_size, self.layout.lengths[self.shard_index]
+        base = self.layout.starts[self.shard_index]
+        lo, hi = base + start * b, base + min(stop * b, length)
+        if self.mode != "block" or hi <= lo:
+            return np.zeros(0, dtype=np.int64)
+        blocks, w_star, _, hole = self._windows(epoch)
+        w = self.window_blocks
+        first = self._window_at(lo, w_star, hole) * w
+        last = min((self._window_at(hi - 1, w_star, hole) + 1) * w, blocks.n)
+        return blocks(np.arange(first, last, dtype=np.int64))
+
+    def _block_order(self, epoch: int, pos: np.ndarray) -> np.ndarray:
+        n, br, w = self.num_rows, self.block_rows, self.window_blocks
+        nblocks = -(-n // br)
+        last_len = n - (nblocks - 1) * br
+        win_rows = w * br
+        blocks, w_star, s_star, hole = self._windows(epoch)
         window_keys = _keys(self.seed, epoch, 2)
-        # Window wi holds epoch positions [start(wi), start(wi) + length(wi)):
-        # windows after the one holding the partial block start `hole` earlier.
+        # Window wi holds epoch positions [start(wi), start(wi) + length(wi)).
         # Positions are ascending and contiguous, so each window's are one run.
         rows = np.empty_like(pos)
         first = int(pos[0])
-        if first >= (w_star + 1) * win_rows - hole:
-            wi = (first + hole) // win_rows
-        else:
-            wi = first // win_rows
+        wi = self._window_at(first, w_star, hole)
         done = 0
         while done < pos.size:
             nblk = min(w, nblocks - wi * w)

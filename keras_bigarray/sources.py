@@ -31,15 +31,12 @@ __all__ = [
 ]
 
 # Rows of at least this many bytes make one natural I/O block when the format
-# has no block of its own, and the blocks of block shuffle over uncompressed
-# data: reading a cold 8 GB .npy with two reader threads, 1 MiB blocks ran at
-# ~0.8x a plain sequential read of the disk, 4 MiB at ~1.1x (more in flight per
-# fault); a window of 16 blocks (64 MiB) still sits in the page cache of a
-# small machine. In the page cache, 4 MiB blocks gather ~12% slower than 1 MiB,
-# still faster than a global shuffle.
-DEFAULT_BLOCK_BYTES = 4 << 20
-# Compressed blocks: a window of decoded chunks must fit the chunk cache.
-COMPRESSED_BLOCK_BYTES = 1 << 20
+# has no block of its own, and the least block of block shuffle. On a cold
+# 29 GiB .npy, with read-ahead hints (`FileHints`), 1 MiB and 4 MiB blocks both
+# read faster than one sequential stream; in the page cache 1 MiB gathers ~12%
+# faster, a window of 16 x 1 MiB fits any page cache and, decoded, the 64 MiB
+# chunk cache of compressed HDF5.
+DEFAULT_BLOCK_BYTES = 1 << 20
 
 # Rows of this many bytes gather faster when each row's first byte is read
 # first, all in one tight loop: the loop's independent loads overlap their TLB
@@ -169,7 +166,7 @@ class BigArray(abc.ABC):
 
     @property
     def block_rows(self) -> int:
-        """Rows in the natural I/O block (an HDF5 chunk, or about 4 MiB)."""
+        """Rows in the natural I/O block (an HDF5 chunk, or about 1 MiB)."""
         return max(1, DEFAULT_BLOCK_BYTES // max(1, self.row_nbytes))
 
     @property

@@ -303,7 +303,7 @@ def test_inspect_npy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert _field(out, "format").startswith(".npy")
     assert _field(out, "row").startswith("784 B")
     assert _field(out, "size").startswith("766 KiB (784,000 bytes)")
-    assert _field(out, "block rows").startswith("5,349 ")  # 4 MiB // 784 B
+    assert _field(out, "block rows").startswith("1,337 ")  # 1 MiB // 784 B
     assert _field(out, "compression") == "none"
     assert _field(out, "shuffle").startswith("'global'")
     assert _field(out, "batch_size").startswith("1024:")

@@ -264,6 +264,47 @@ def test_block_mode_is_local(
             assert np.all(np.bincount(inside)[np.unique(inside)] == block_rows)
 
 
+@HYPO
+@given(
+    n=st.integers(1, 400),
+    batch_size=st.integers(1, 40),
+    block_rows=st.integers(1, 30),
+    window_blocks=st.integers(1, 6),
+    num_shards=st.integers(1, 3),
+    data=st.data(),
+)
+def test_batch_blocks_hold_every_row_of_the_batches(
+    n, batch_size, block_rows, window_blocks, num_shards, data
+):
+    # The read-ahead hints ask for batch_blocks(...): every row the batches
+    # read must be in those blocks, and they span at most the batches' windows.
+    if n < num_shards:
+        return
+    s = Sampler(
+        n,
+        batch_size,
+        mode="block",
+        seed=data.draw(SEEDS),
+        block_rows=block_rows,
+        window_blocks=window_blocks,
+        num_shards=num_shards,
+        shard_index=data.draw(st.integers(0, num_shards - 1)),
+        pad_remainder=data.draw(st.booleans()),
+    )
+    epoch_ = data.draw(st.integers(0, 20))
+    start = data.draw(st.integers(0, s.num_batches))
+    stop = data.draw(st.integers(start, s.num_batches))
+    held = set(s.batch_blocks(epoch_, start, stop).tolist())
+    read = {
+        int(r) // block_rows
+        for i in range(start, stop)
+        for r in s.batch(epoch_, i)[0][: s.batch(epoch_, i)[1]]
+    }
+    assert read <= held
+    windows = -(-stop * batch_size // (block_rows * window_blocks)) + 1
+    assert len(held) <= windows * window_blocks
+
+
 def test_block_order_is_shuffled():
     n, br = 64 * 5, 5
     for seed in range(5):
