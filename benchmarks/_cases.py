@@ -991,7 +991,37 @@ def case_huge(cfg: Config) -> CaseResult:
         gc.collect()
         return Measurement(dt, rows, nbytes, {"resident_before": resident or 0.0})
 
+    def step(_r: int) -> Measurement:
+        # The model alone, fed one in-memory batch: fit can go no faster than
+        # this, whatever the disk does.
+        import tensorflow as tf
+
+        xm = np.load(pair.x, mmap_mode="r")
+        ym = np.load(pair.y, mmap_mode="r")
+        batch = (np.array(xm[:B]), np.array(ym[:B]))
+        model = make_model(32)
+        timer = _epoch_timer()
+        steps = 4096
+        model.fit(
+            tf.data.Dataset.from_tensors(batch).repeat(),
+            epochs=2,
+            steps_per_epoch=steps,
+            verbose=0,
+            callbacks=[timer],
+        )
+        del model
+        gc.collect()
+        return Measurement(timer.times[1], steps * B, steps * B * _data.ROW_NBYTES, {})
+
     variants = [
+        Variant(
+            "step",
+            "pure step: the model fed one in-memory batch (limit of fit)",
+            False,
+            step,
+            "steps_per_execution=32, 4096 steps",
+            "PURE STEP (LIMIT OF FIT)",
+        ),
         Variant(
             "disk",
             "disk sequential read (limit)",
