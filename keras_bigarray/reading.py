@@ -56,12 +56,14 @@ class BatchReader:
         self.row_offset = int(row_offset)
         self._hinted: list[tuple[int, int]] = []
         self._hinted_blocks: set[tuple[int, int]] = set()
+        self._last_group: tuple[int, int] | None = None
         self._hint_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_hinted"] = []
         state["_hinted_blocks"] = set()
+        state["_last_group"] = None
         del state["_hint_lock"]
         return state
 
@@ -79,6 +81,10 @@ class BatchReader:
         """
         s = self.sampler
         per = max(1, (s.block_rows * s.window_blocks) // s.batch_size)
+        here = (epoch, index // per)
+        if self._last_group == here:  # the common case: nothing new to hint
+            return
+        self._last_group = here
         for group in (index // per, index // per + 1):
             first = group * per
             if first >= s.num_batches:

@@ -74,6 +74,10 @@ def touch_row_heads(data: np.ndarray, starts: np.ndarray, row_nbytes: int) -> No
         heads[starts]  # the values are dropped: the loads are the point
 
 
+# preadv flag: fail with EAGAIN rather than wait for the disk (Linux >= 4.14).
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0) if hasattr(os, "preadv") else 0
+
+
 class FileHints:
     """Starts reading byte ranges of one file into the page cache without
     waiting (`posix_fadvise(WILLNEED)`): hints, so every failure is silent.
@@ -109,11 +113,26 @@ class FileHints:
         if fd is None:
             return
         for offset, length in spans:
-            if length > 0:
+            if length > 0 and not self._cached(fd, offset, length):
                 try:
                     os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
                 except OSError:
                     return
+
+    def _cached(self, fd: int, offset: int, length: int) -> bool:
+        # A span whose first and last bytes are in the page cache is taken as
+        # cached: a one-byte read that must not wait (~1 us each) is much
+        # cheaper than the hint (~16 us a MiB, even when every page is cached).
+        if not _NOWAIT:
+            return False
+        one = bytearray(1)
+        try:
+            return all(
+                os.preadv(fd, [one], at, _NOWAIT) == 1
+                for at in (offset, offset + length - 1)
+            )
+        except OSError:  # EAGAIN: not cached; or the kernel lacks NOWAIT reads
+            return False
 
 
 def _check_dtype(dtype: np.dtype, what: str) -> np.dtype:

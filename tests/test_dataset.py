@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import keras_bigarray as kb
+from keras_bigarray.sources import FileHints, ShardedArray
 
 N = 34  # leaves a partial batch at batch_size 16
 
@@ -399,7 +400,6 @@ def test_default_block_is_the_fewest_whole_chunks_of_1_mib(tmp_path):
 def _byte_span(src, row: int) -> tuple[str, int, int]:
     """The file and bytes that reading `row` of `src` touches."""
     from keras_bigarray._hdf5 import HDF5Array
-    from keras_bigarray.sources import ShardedArray
 
     if isinstance(src, ShardedArray):
         k = int(np.searchsorted(src.bounds, row, side="right")) - 1
@@ -429,6 +429,8 @@ def test_block_shuffle_hints_every_row_before_it_is_read(tmp_path, monkeypatch, 
         hinted.setdefault(path, []).append((offset, offset + length))
 
     monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    # As if cold: files just written are in the page cache, so no hint is sent.
+    monkeypatch.setattr(FileHints, "_cached", lambda *_: False)
     n = 211
     x = open_kind(kind, tmp_path, indexed_rows(n, (3,)))
     for seed, batch_size in [(0, 4), (1, 4), (2, 7), (3, 16)]:
@@ -451,6 +453,26 @@ def test_block_shuffle_hints_every_row_before_it_is_read(tmp_path, monkeypatch, 
         if kind == "npy":  # each block once: no more than the rows read, in bytes
             total = sum(hi - lo for spans in hinted.values() for lo, hi in spans)
             assert total <= (n - 9) * x.row_nbytes
+
+
+def test_hints_skip_spans_in_the_page_cache(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    sent = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: sent.append(a[1:3]))
+    p = tmp_path / "x.bin"
+    p.write_bytes(b"\1" * 100_000)  # just written: cached
+    hints = FileHints(str(p))
+    hints.will_need([(0, 50_000), (60_000, 40_000)])
+    assert sent == []
+
+    def not_cached(fd, buffers, offset, flags):
+        raise OSError(errno.EAGAIN, "would block")
+
+    monkeypatch.setattr(os, "preadv", not_cached)
+    hints.will_need([(0, 50_000), (60_000, 40_000)])
+    assert sent == [(0, 50_000), (60_000, 40_000)]
 
 
 def test_failing_hints_change_nothing(tmp_path, monkeypatch):
