@@ -516,7 +516,19 @@ def summary_markdown(results: Results, machine: dict[str, Any]) -> list[str]:
             )
     huge = results.get("huge")
     if huge is not None and not huge.skipped:
+        pair(
+            "huge",
+            "pipeline_block",
+            ["disk"],
+            "larger than RAM, block shuffle, pipeline alone",
+        )
         pair("huge", "fit_block", ["disk"], "larger than RAM, fit one epoch, block")
+        pair(
+            "huge",
+            "fit_block",
+            ["step"],
+            "larger than RAM, fit one epoch, against the pure step",
+        )
     if not rows:
         return []
     out = [

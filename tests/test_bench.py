@@ -99,6 +99,7 @@ def test_huge_path_on_a_small_file(tmp_path: Path) -> None:
     huge = report["cases"]["huge"]
     assert huge["skipped"] is None
     assert [v["key"] for v in huge["variants"] if v["measurements"]] == [
+        "step",
         "disk",
         "pipeline_block",
         "fit_block",
