@@ -4,8 +4,10 @@ iterators Keras uses); errors; and model.fit / evaluate / predict."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -415,12 +417,17 @@ def _byte_span(src, row: int) -> tuple[str, int, int]:
     return src.path, src.offset + row * w, src.offset + (row + 1) * w
 
 
+_LINUX_HINTS = pytest.mark.skipif(
+    not hasattr(os, "posix_fadvise") or not Path("/proc/self/fd").is_dir(),
+    reason="posix_fadvise and /proc are Linux's",
+)
+
+
+@_LINUX_HINTS
 @pytest.mark.parametrize(
     "kind", ["npy", "raw", "h5_contiguous", "h5_chunked", "h5_gzip", "shards"]
 )
 def test_block_shuffle_hints_every_row_before_it_is_read(tmp_path, monkeypatch, kind):
-    import os
-
     hinted: dict[str, list[tuple[int, int]]] = {}
 
     def fadvise(fd, offset, length, advice):
@@ -455,9 +462,9 @@ def test_block_shuffle_hints_every_row_before_it_is_read(tmp_path, monkeypatch, 
             assert total <= (n - 9) * x.row_nbytes
 
 
+@_LINUX_HINTS
 def test_hints_skip_spans_in_the_page_cache(tmp_path, monkeypatch):
     import errno
-    import os
 
     sent = []
     monkeypatch.setattr(os, "posix_fadvise", lambda *a: sent.append(a[1:3]))
@@ -476,8 +483,6 @@ def test_hints_skip_spans_in_the_page_cache(tmp_path, monkeypatch):
 
 
 def test_failing_hints_change_nothing(tmp_path, monkeypatch):
-    import os
-
     def fadvise(*_):
         raise OSError(22, "Invalid argument")
 
