@@ -67,9 +67,11 @@ def _scratch_uint32(n: int, count: int) -> list[np.ndarray]:
     Fresh arrays of a few hundred KiB come from mmap and fault in every page
     when first written; reusing them made the Feistel rounds ~2.5x faster.
     """
+    if n > _CHUNK:  # larger than any chunk: not kept for this thread
+        return [np.empty(n, dtype=np.uint32) for _ in range(count)]
     have = getattr(_SCRATCH, "arrays", None)
-    if have is None or have.shape[0] < count or have.shape[1] < n:
-        have = np.empty((max(count, 4), max(n, _CHUNK)), dtype=np.uint32)
+    if have is None or have.shape[0] < count:
+        have = np.empty((max(count, 4), _CHUNK), dtype=np.uint32)
         _SCRATCH.arrays = have
     return [have[i, :n] for i in range(count)]
 
