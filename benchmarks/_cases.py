@@ -398,8 +398,8 @@ def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
                 "ours block, a user's h5py handle open (bounded)",
                 True,
                 ours("block", bounded, user_handle_open=True),
-                "h5py.File(path) open in the same process: its 1 MiB chunk cache "
-                "is the one both handles share",
+                "h5py.File(path) open in the same process (HDF5 would share its "
+                "1 MiB chunk cache with any handle of ours)",
                 "OURS BLOCK, H5PY HANDLE OPEN",
             )
         )
@@ -412,11 +412,13 @@ def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
         )
         case.notes.append(
             "HDF5 gives all handles on one dataset in a process one chunk cache, "
-            "sized by the handle opened first. keras-bigarray asks for 64 MiB (a "
-            "16-chunk shuffle window fits), but while the user's own h5py handle "
-            "is open (e.g. `open_array(h5py_file['x'])`, which reopens by path) "
-            "it gets h5py's 1 MiB and decodes every chunk again for each batch: "
-            "compare 'ours block' with 'ours block, a user's h5py handle open'."
+            "sized by the handle opened first, so a user's own h5py handle "
+            "(e.g. `open_array(h5py_file['x'])`, which reopens by path) would "
+            "leave any reader of ours with h5py's 1 MiB and every chunk decoded "
+            "again for each batch. keras-bigarray decodes gzip/shuffle/fletcher32 "
+            "chunks itself, into a 64 MiB cache of its own (a 16-chunk shuffle "
+            "window fits): compare 'ours block' with 'ours block, a user's h5py "
+            "handle open'."
         )
     return case
 
