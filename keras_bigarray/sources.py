@@ -11,7 +11,6 @@ import mmap
 import os
 import re
 import warnings
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -85,39 +84,33 @@ class FileHints:
     Reading a cold file through a memory map faults its pages in 128 KiB
     read-arounds, one at a time per reader thread; a hint for a whole
     block-shuffle window ahead keeps the disk busy with large reads instead.
-    One descriptor per process, opened on first use; pickles as its path.
+    Each call opens and closes the file (a few microseconds, once a window):
+    a descriptor kept per source would double the descriptors of a folder of
+    shards, whose memory maps hold one each already.
     """
 
     def __init__(self, path: str):
         self.path = path
-        self._fd: int | None = None
-        self._pid = -1
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "_fd": None, "_pid": -1}
 
     def will_need(self, spans: Iterable[tuple[int, int]]) -> None:
         """Hints `(byte offset, length)` spans."""
         if not hasattr(os, "posix_fadvise"):  # pragma: no cover - not Linux
             return
-        if self._pid != os.getpid():
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-            except OSError:
-                fd = None
-            else:
-                weakref.finalize(self, os.close, fd)
-            self._fd = fd
-            self._pid = os.getpid()
-        fd = self._fd
-        if fd is None:
+        spans = [(a, n) for a, n in spans if n > 0]
+        if not spans:
             return
-        for offset, length in spans:
-            if length > 0 and not self._cached(fd, offset, length):
-                try:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            for offset, length in spans:
+                if not self._cached(fd, offset, length):
                     os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    return
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def _cached(self, fd: int, offset: int, length: int) -> bool:
         # A span whose first and last bytes are in the page cache is taken as

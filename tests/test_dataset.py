@@ -471,8 +471,10 @@ def test_hints_skip_spans_in_the_page_cache(tmp_path, monkeypatch):
     p = tmp_path / "x.bin"
     p.write_bytes(b"\1" * 100_000)  # just written: cached
     hints = FileHints(str(p))
+    open_fds = len(os.listdir("/proc/self/fd"))
     hints.will_need([(0, 50_000), (60_000, 40_000)])
     assert sent == []
+    assert len(os.listdir("/proc/self/fd")) == open_fds  # no descriptor kept
 
     def not_cached(fd, buffers, offset, flags):
         raise OSError(errno.EAGAIN, "would block")
