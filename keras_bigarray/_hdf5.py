@@ -19,9 +19,9 @@ import numpy as np
 from keras_bigarray.sources import (
     BigArray,
     DuckArray,
-    FileHints,
     _check_dtype,
     touch_row_heads,
+    will_need,
 )
 
 __all__ = ["CorruptChunkError", "HDF5Array", "from_h5py_dataset"]
@@ -230,7 +230,6 @@ class HDF5Array(BigArray):
         self.chunk_cache_bytes = int(chunk_cache_bytes)
         self._local = threading.local()
         self._pid = -1
-        self._hints = FileHints(self.path)
         self._cache: _ChunkCache | None = None
         if not h5py.is_hdf5(self.path):
             raise ValueError(f"'{self.path}' is not an HDF5 file")
@@ -430,17 +429,17 @@ class HDF5Array(BigArray):
         if self._byte_plan is None:  # read through h5py: no byte spans
             return
         plan = self._plan()
-        w = self.row_nbytes
-        if plan.offsets.size == 1 and plan.sizes is None:  # contiguous
-            at = int(plan.offsets[0])
-            self._hints.will_need((at + a * w, (b - a) * w) for a, b in ranges)
-            return
+        rows, w = plan.rows, self.row_nbytes
         spans = []
         for a, b in ranges:
-            for c in range(a // plan.rows, -(-b // plan.rows)):
-                size = plan.rows * w if plan.sizes is None else int(plan.sizes[c])
-                spans.append((int(plan.offsets[c]), size))
-        self._hints.will_need(spans)
+            for c in range(a // rows, -(-b // rows)):
+                if plan.sizes is not None:  # compressed: the whole stored chunk
+                    spans.append((int(plan.offsets[c]), int(plan.sizes[c])))
+                else:  # the rows' own bytes (contiguous data is one chunk)
+                    lo, hi = max(a, c * rows), min(b, (c + 1) * rows)
+                    at = int(plan.offsets[c]) + (lo - c * rows) * w
+                    spans.append((at, (hi - lo) * w))
+        will_need(self.path, spans)
 
     def _gather_bytes(self, idx: np.ndarray) -> np.ndarray:
         plan = self._plan()

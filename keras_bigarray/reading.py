@@ -74,7 +74,8 @@ class BatchReader:
     def _hint_windows(self, epoch: int, index: int) -> None:
         """Under block shuffle, asks the OS to read the blocks of this window's
         and the next window's batches while this one's are read (see
-        `FileHints`): large reads in flight instead of one page fault at a time.
+        `sources.will_need`): large reads in flight instead of one page fault
+        at a time.
 
         Batches go in groups of one window's rows; the first batch read of a
         group hints the blocks of its windows and of the next group's, once.

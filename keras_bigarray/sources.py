@@ -31,7 +31,7 @@ __all__ = [
 
 # Rows of at least this many bytes make one natural I/O block when the format
 # has no block of its own, and the least block of block shuffle. On a cold
-# 29 GiB .npy, with read-ahead hints (`FileHints`), 1 MiB and 4 MiB blocks both
+# 29 GiB .npy, with read-ahead hints (`will_need`), 1 MiB and 4 MiB blocks both
 # read faster than one sequential stream; in the page cache 1 MiB gathers ~12%
 # faster, a window of 16 x 1 MiB fits any page cache and, decoded, the 64 MiB
 # chunk cache of compressed HDF5.
@@ -77,9 +77,10 @@ def touch_row_heads(data: np.ndarray, starts: np.ndarray, row_nbytes: int) -> No
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0) if hasattr(os, "preadv") else 0
 
 
-class FileHints:
-    """Starts reading byte ranges of one file into the page cache without
-    waiting (`posix_fadvise(WILLNEED)`): hints, so every failure is silent.
+def will_need(path: str, spans: Iterable[tuple[int, int]]) -> None:
+    """Starts reading `(byte offset, length)` spans of the file at `path` into
+    the page cache without waiting (`posix_fadvise(WILLNEED)`). A hint: every
+    failure is silent.
 
     Reading a cold file through a memory map faults its pages in 128 KiB
     read-arounds, one at a time per reader thread; a hint for a whole
@@ -88,44 +89,39 @@ class FileHints:
     a descriptor kept per source would double the descriptors of a folder of
     shards, whose memory maps hold one each already.
     """
+    if not hasattr(os, "posix_fadvise"):  # pragma: no cover - not Linux
+        return
+    spans = [(a, n) for a, n in spans if n > 0]
+    if not spans:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        for offset, length in spans:
+            if not _page_cached(fd, offset, length):
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    def __init__(self, path: str):
-        self.path = path
 
-    def will_need(self, spans: Iterable[tuple[int, int]]) -> None:
-        """Hints `(byte offset, length)` spans."""
-        if not hasattr(os, "posix_fadvise"):  # pragma: no cover - not Linux
-            return
-        spans = [(a, n) for a, n in spans if n > 0]
-        if not spans:
-            return
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            for offset, length in spans:
-                if not self._cached(fd, offset, length):
-                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-    def _cached(self, fd: int, offset: int, length: int) -> bool:
-        # A span whose first and last bytes are in the page cache is taken as
-        # cached: a one-byte read that must not wait (~1 us each) is much
-        # cheaper than the hint (~16 us a MiB, even when every page is cached).
-        if not _NOWAIT:
-            return False
-        one = bytearray(1)
-        try:
-            return all(
-                os.preadv(fd, [one], at, _NOWAIT) == 1
-                for at in (offset, offset + length - 1)
-            )
-        except OSError:  # EAGAIN: not cached; or the kernel lacks NOWAIT reads
-            return False
+def _page_cached(fd: int, offset: int, length: int) -> bool:
+    # A span whose first and last bytes are in the page cache is taken as
+    # cached: a one-byte read that must not wait (~1 us each) is much cheaper
+    # than the hint (~16 us a MiB, even when every page is cached).
+    if not _NOWAIT:
+        return False
+    one = bytearray(1)
+    try:
+        return all(
+            os.preadv(fd, [one], at, _NOWAIT) == 1
+            for at in (offset, offset + length - 1)
+        )
+    except OSError:  # EAGAIN: not cached; or the kernel lacks NOWAIT reads
+        return False
 
 
 def _check_dtype(dtype: np.dtype, what: str) -> np.dtype:
@@ -319,7 +315,6 @@ class _MemmapArray(BigArray):
         self.offset = int(offset)
         self.fortran_order = bool(fortran_order) and len(self.shape) > 1
         self._mm: np.memmap | None = None
-        self._hints = FileHints(self.path)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -353,7 +348,7 @@ class _MemmapArray(BigArray):
         if self.fortran_order:  # rows are scattered: no useful span
             return
         w = self.row_nbytes
-        self._hints.will_need((self.offset + a * w, (b - a) * w) for a, b in ranges)
+        will_need(self.path, ((self.offset + a * w, (b - a) * w) for a, b in ranges))
 
     def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
         # One C loop over the rows; for page-cache-resident data this is the

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import keras_bigarray as kb
-from keras_bigarray.sources import FileHints, ShardedArray
+from keras_bigarray import sources
+from keras_bigarray.sources import ShardedArray
 
 N = 34  # leaves a partial batch at batch_size 16
 
@@ -437,7 +438,7 @@ def test_block_shuffle_hints_every_row_before_it_is_read(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(os, "posix_fadvise", fadvise)
     # As if cold: files just written are in the page cache, so no hint is sent.
-    monkeypatch.setattr(FileHints, "_cached", lambda *_: False)
+    monkeypatch.setattr(sources, "_page_cached", lambda *_: False)
     n = 211
     x = open_kind(kind, tmp_path, indexed_rows(n, (3,)))
     for seed, batch_size in [(0, 4), (1, 4), (2, 7), (3, 16)]:
@@ -470,9 +471,8 @@ def test_hints_skip_spans_in_the_page_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "posix_fadvise", lambda *a: sent.append(a[1:3]))
     p = tmp_path / "x.bin"
     p.write_bytes(b"\1" * 100_000)  # just written: cached
-    hints = FileHints(str(p))
     open_fds = len(os.listdir("/proc/self/fd"))
-    hints.will_need([(0, 50_000), (60_000, 40_000)])
+    sources.will_need(str(p), [(0, 50_000), (60_000, 40_000)])
     assert sent == []
     assert len(os.listdir("/proc/self/fd")) == open_fds  # no descriptor kept
 
@@ -480,7 +480,7 @@ def test_hints_skip_spans_in_the_page_cache(tmp_path, monkeypatch):
         raise OSError(errno.EAGAIN, "would block")
 
     monkeypatch.setattr(os, "preadv", not_cached)
-    hints.will_need([(0, 50_000), (60_000, 40_000)])
+    sources.will_need(str(p), [(0, 50_000), (60_000, 40_000)])
     assert sent == [(0, 50_000), (60_000, 40_000)]
 
 
