@@ -25,6 +25,8 @@ FEISTEL_ROUNDS = 6
 # (~1 us) dominates at batch size, so a chunk of positions amortises it.
 _CHUNK = 1 << 16
 _CACHE_ENTRIES = 8
+# Block-order slots evaluated together (one small cache entry: 32 KiB).
+_SLOTS = 1 << 12
 
 # Halves up to this size (n <= 2**32 rows) run their rounds in uint32.
 _SMALL_HALF = 1 << 16
@@ -293,6 +295,7 @@ class Sampler:
         )
         self._cache: dict[tuple[int, int], list[np.ndarray]] = {}
         self._perms: dict[tuple[int, int], Permutation] = {}
+        self._small: dict[tuple[int, ...], Any] = {}
         self._lock = threading.Lock()
         self._compute_lock = threading.Lock()
 
@@ -300,6 +303,7 @@ class Sampler:
         state = self.__dict__.copy()
         state["_cache"] = {}
         state["_perms"] = {}
+        state["_small"] = {}
         del state["_lock"], state["_compute_lock"]
         return state
 
@@ -343,22 +347,51 @@ class Sampler:
             return self._perm(epoch, 0, self.num_rows)(pos)
         return self._block_order(epoch, pos)
 
-    def _windows(self, epoch: int) -> tuple[Permutation, int, int, int]:
-        """`(block permutation, w_star, s_star, hole)` of an epoch's block order.
+    def _remember(self, key: tuple[int, ...], value: Any) -> Any:
+        with self._lock:
+            if len(self._small) >= 4 * _CACHE_ENTRIES:
+                self._small.pop(next(iter(self._small)))
+            self._small[key] = value
+        return value
+
+    def _windows(self, epoch: int) -> tuple[int, int, int]:
+        """`(w_star, s_star, hole)` of an epoch's block order.
 
         The partial last block (`hole` rows short) sits in slot `s_star` of
         window `w_star`; without one, `w_star` is past every window.
         """
+        got = self._small.get((0, epoch))
+        if got is not None:
+            return got
         n, br, w = self.num_rows, self.block_rows, self.window_blocks
         nblocks = -(-n // br)
         hole = nblocks * br - n  # rows missing from the partial last block
-        blocks = self._perm(epoch, 1, nblocks)
         if hole:
+            blocks = self._perm(epoch, 1, nblocks)
             slot = int(blocks.inverse(np.array([nblocks - 1]))[0])
             w_star, s_star = divmod(slot, w)
         else:
             w_star, s_star = nblocks, 0  # no window is short
-        return blocks, w_star, s_star, hole
+        return self._remember((0, epoch), (w_star, s_star, hole))
+
+    def _block_slots(self, epoch: int, lo: int, hi: int) -> np.ndarray:
+        """The blocks in slots `lo:hi` of `epoch`'s block order.
+
+        Evaluated `_SLOTS` slots at a time and kept: a window's handful of
+        slots through the permutation cost as much numpy overhead as
+        thousands (about 80 us), and every batch of a window needs them.
+        """
+        nblocks = -(-self.num_rows // self.block_rows)
+        out = []
+        for c in range(lo // _SLOTS, -(-hi // _SLOTS)):
+            got = self._small.get((1, epoch, c))
+            if got is None:
+                a, b = c * _SLOTS, min((c + 1) * _SLOTS, nblocks)
+                got = self._perm(epoch, 1, nblocks)(np.arange(a, b, dtype=np.int64))
+                got.flags.writeable = False
+                self._remember((1, epoch, c), got)
+            out.append(got[max(lo - c * _SLOTS, 0) : hi - c * _SLOTS])
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     def _window_at(self, p: int, w_star: int, hole: int) -> int:
         # Windows after the one holding the partial block start `hole` earlier.
@@ -375,19 +408,22 @@ class Sampler:
         lo, hi = base + start * b, base + min(stop * b, length)
         if self.mode != "block" or hi <= lo:
             return np.zeros(0, dtype=np.int64)
-        blocks, w_star, _, hole = self._windows(epoch)
+        w_star, _, hole = self._windows(epoch)
         w = self.window_blocks
         first = self._window_at(lo, w_star, hole) * w
-        last = min((self._window_at(hi - 1, w_star, hole) + 1) * w, blocks.n)
-        return blocks(np.arange(first, last, dtype=np.int64))
+        nblocks = -(-self.num_rows // self.block_rows)
+        last = min((self._window_at(hi - 1, w_star, hole) + 1) * w, nblocks)
+        return self._block_slots(epoch, first, last)
 
     def _block_order(self, epoch: int, pos: np.ndarray) -> np.ndarray:
         n, br, w = self.num_rows, self.block_rows, self.window_blocks
         nblocks = -(-n // br)
         last_len = n - (nblocks - 1) * br
         win_rows = w * br
-        blocks, w_star, s_star, hole = self._windows(epoch)
-        window_keys = _keys(self.seed, epoch, 2)
+        w_star, s_star, hole = self._windows(epoch)
+        window_keys = self._small.get((2, epoch))
+        if window_keys is None:  # SeedSequence: ~20 us a call
+            window_keys = self._remember((2, epoch), _keys(self.seed, epoch, 2))
         # Window wi holds epoch positions [start(wi), start(wi) + length(wi)).
         # Positions are ascending and contiguous, so each window's are one run.
         rows = np.empty_like(pos)
@@ -409,7 +445,7 @@ class Sampler:
             # division (a window holds < 2**32 rows) is ~6x int64's.
             # In place into this thread's scratch: fresh arrays of this size
             # fault in every page.
-            firsts = blocks(np.arange(wi * w, wi * w + nblk, dtype=np.int64)) * br
+            firsts = self._block_slots(epoch, wi * w, wi * w + nblk) * br
             out = rows[done : done + count]
             if w * br < 1 << 32:
                 s, sbr = _scratch_uint32(count, 2)
