@@ -16,7 +16,15 @@ from typing import Any
 
 import _data
 import numpy as np
-from _harness import CaseResult, Measurement, Variant, interleave, log, timed
+from _harness import (
+    CaseResult,
+    Measurement,
+    Variant,
+    fmt_rate,
+    interleave,
+    log,
+    timed,
+)
 
 SEED = 1234
 
@@ -638,6 +646,27 @@ def case_fit(cfg: Config, spe: int) -> CaseResult:
 
         return measure(make, {})
 
+    # The same rows again, gathered by TensorFlow from tensors in memory: no
+    # Python, no file, no checks. The cheapest way to feed fit these rows.
+    ram_x = tf.constant(np.array(xm[:n]))
+    ram_y = tf.constant(np.array(ym[:n]))
+    ram_idx = tf.constant(np.stack(limit_idx))
+
+    def ram_gather_limit(_r: int) -> Measurement:
+        def make() -> tuple[Any]:
+            def op(i: Any) -> Any:
+                idx = ram_idx[i]
+                return tf.gather(ram_x, idx), tf.gather(ram_y, idx)
+
+            ds = (
+                tf.data.Dataset.range(steps)
+                .map(op, num_parallel_calls=cfg.workers, deterministic=True)
+                .prefetch(tf.data.AUTOTUNE)
+            )
+            return (ds,)
+
+        return measure(make, {})
+
     def ours() -> Any:
         return _fit_dataset(cfg, pair, n)
 
@@ -688,6 +717,15 @@ def case_fit(cfg: Config, spe: int) -> CaseResult:
             "BARE GATHER IN TF.DATA (LIMIT)",
         ),
         Variant(
+            "ram_gather",
+            "tf.gather of the same rows from memory in tf.data (limit)",
+            False,
+            ram_gather_limit,
+            f"the rows in tensors in RAM, precomputed indices, {w} parallel "
+            "tf.gather calls: no Python, no file",
+            "TF.GATHER FROM RAM (LIMIT)",
+        ),
+        Variant(
             "ours_ds",
             f"ours: fit(BigArrayDataset), global, workers={w}",
             True,
@@ -729,6 +767,25 @@ def case_fit(cfg: Config, spe: int) -> CaseResult:
         ),
     ]
     interleave(case, variants, cfg.fit_repeats)
+    step_v = case.get("step")
+    step_busy = step_v.extra_median("cpu_cores") if step_v is not None else None
+    case.notes.append(
+        "CPU busy: the process's CPU time (all threads, user + system) over "
+        "the timed epoch's wall time, in cores. "
+        + (
+            f"The pure step alone keeps {step_busy:.2f} of this machine's "
+            f"{os.cpu_count()} cores busy. "
+            if step_busy is not None
+            else ""
+        )
+        + "Every input pipeline adds its own CPU work (gathering 1 MiB of "
+        "fresh rows a step, carrying it through tf.data) on the same cores, "
+        "which is why even TensorFlow's own gather from RAM stays below the "
+        "pure step. Rounds where CPU busy drops to about one core ran with "
+        "the other core idle: this VM sometimes settles into that state for "
+        "a whole epoch with any tf.data input (in-RAM tf.gather included; "
+        "the pure step never), so compare medians and look at the min - max."
+    )
     gc.collect()
     return case
 
@@ -982,8 +1039,12 @@ def case_huge(cfg: Config) -> CaseResult:
     variants: list[Variant] = []
 
     def disk(_r: int) -> Measurement:
+        c0 = _cpu_seconds()
         rate, done = _data.sequential_read_rate(pair.x, disk_bytes)
-        return Measurement(done / rate, done // _data.ROW_NBYTES, done)
+        busy = (_cpu_seconds() - c0) * rate / done
+        return Measurement(
+            done / rate, done // _data.ROW_NBYTES, done, {"cpu_cores": busy}
+        )
 
     def pipeline(_r: int) -> Measurement:
         _data.evict(pair.x)
@@ -992,15 +1053,17 @@ def case_huge(cfg: Config) -> CaseResult:
         )
         nb = len(ds)
         limit = min(nb, disk_bytes // (B * _data.ROW_NBYTES))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         it = ds.iterate_epoch(epoch=0)
         for _ in range(limit):
             next(it)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
         it.close()
         del ds, it
         gc.collect()
-        return Measurement(dt, limit * B, limit * B * _data.ROW_NBYTES)
+        return Measurement(
+            dt, limit * B, limit * B * _data.ROW_NBYTES, {"cpu_cores": cpu / dt}
+        )
 
     def fit(_r: int) -> Measurement:
         _data.evict(pair.x)
@@ -1015,12 +1078,17 @@ def case_huge(cfg: Config) -> CaseResult:
             seed=SEED,
             workers=cfg.workers,
         )
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         model.fit(ds, epochs=1, verbose=0)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
         del ds, model
         gc.collect()
-        return Measurement(dt, rows, nbytes, {"resident_before": resident or 0.0})
+        return Measurement(
+            dt,
+            rows,
+            nbytes,
+            {"resident_before": resident or 0.0, "cpu_cores": cpu / dt},
+        )
 
     def step(_r: int) -> Measurement:
         # The model alone, fed one in-memory batch: fit can go no faster than
@@ -1042,7 +1110,12 @@ def case_huge(cfg: Config) -> CaseResult:
         )
         del model
         gc.collect()
-        return Measurement(timer.times[1], steps * B, steps * B * _data.ROW_NBYTES, {})
+        return Measurement(
+            timer.times[1],
+            steps * B,
+            steps * B * _data.ROW_NBYTES,
+            {"cpu_cores": timer.cpu[1] / timer.times[1]},
+        )
 
     variants = [
         Variant(
@@ -1078,4 +1151,36 @@ def case_huge(cfg: Config) -> CaseResult:
             "OURS FIT ONE EPOCH",
         ),
     ]
-    return interleave(case, variants, 1)
+    interleave(case, variants, 1)
+    bound = _cpu_bound_note(case, ("step", "pipeline_block"), "disk")
+    if bound:
+        case.notes.append(bound)
+    return case
+
+
+def _cpu_bound_note(case: CaseResult, parts: tuple[str, ...], ref: str) -> str:
+    """What the CPU allows when the work of `parts` (each measured alone, with
+    its CPU busy) runs together on this machine's cores, against `ref`."""
+    cores = os.cpu_count() or 1
+    per_mb, said = 0.0, []
+    for key in parts:
+        v = case.get(key)
+        busy = v.extra_median("cpu_cores") if v is not None else None
+        if busy is None or not v.measurements:
+            return ""
+        rate = v.median(case.unit)
+        per_mb += busy / rate
+        said.append(
+            f"{v.name} kept {busy:.2f} cores busy at {fmt_rate(rate, case.unit)} "
+            f"({busy / rate * 1e3:.2f} core-s a GB)"
+        )
+    r = case.get(ref)
+    if r is None or not r.measurements or not per_mb:
+        return ""
+    bound = cores / per_mb
+    return (
+        "CPU limit: " + "; ".join(said) + f". Together on {cores} cores they can "
+        f"go at most {cores} / {per_mb * 1e3:.2f} core-s a GB = "
+        f"{fmt_rate(bound, case.unit)}, {bound / r.median(case.unit):.2f}x the "
+        f"{r.name}."
+    )
