@@ -492,6 +492,12 @@ def summary_markdown(results: Results, machine: dict[str, Any]) -> list[str]:
         ["h5py_fancy"],
         "HDF5 uncompressed, global shuffle",
     )
+    pair(
+        "hdf5_uncompressed",
+        "reader_block",
+        ["h5py_seq"],
+        "HDF5 uncompressed, block shuffle",
+    )
     pair("hdf5_gzip", "reader_block", ["h5py_seq"], "HDF5 gzip, block shuffle")
     for spe in (1, 32):
         pair(

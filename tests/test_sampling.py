@@ -226,6 +226,24 @@ def test_positions_across_cache_chunks():
         np.testing.assert_array_equal(fresh.positions(5, 69_990, n), full[69_990:])
 
 
+def test_block_slots_kept_in_pieces_give_the_same_order(monkeypatch):
+    # Block-order slots are evaluated _SLOTS at a time and kept: windows and
+    # hints that straddle two pieces must see exactly the one permutation.
+    import keras_bigarray.sampling as sampling
+
+    kw = dict(mode="block", seed=11, block_rows=7, window_blocks=5)
+    n = 2_000  # 286 blocks, the last one partial
+    whole = Sampler(n, 64, **kw)
+    want_order = whole.positions(3, 0, n)
+    want_blocks = [whole.batch_blocks(3, i, i + 3) for i in range(whole.num_batches)]
+    monkeypatch.setattr(sampling, "_SLOTS", 4)
+    pieces = Sampler(n, 64, **kw)
+    np.testing.assert_array_equal(pieces.positions(3, 0, n), want_order)
+    for i, want in enumerate(want_blocks):
+        np.testing.assert_array_equal(pieces.batch_blocks(3, i, i + 3), want)
+    np.testing.assert_array_equal(np.sort(want_order), np.arange(n))
+
+
 # ---- block mode ----------------------------------------------------------------------
 
 
