@@ -625,26 +625,29 @@ def case_fit(cfg: Config, spe: int) -> CaseResult:
     bare_x = xm.view(np.ndarray)
     bare_y = ym.view(np.ndarray)
 
+    def batch_per_step(op: Any) -> Measurement:
+        """fit on `op(i)` for step i, in workers parallel calls."""
+        return measure(
+            lambda: (
+                tf.data.Dataset.range(steps)
+                .map(op, num_parallel_calls=cfg.workers, deterministic=True)
+                .prefetch(tf.data.AUTOTUNE),
+            ),
+            {},
+        )
+
     def gather_limit(_r: int) -> Measurement:
         def take(i: np.int64) -> tuple[np.ndarray, np.ndarray]:
             idx = limit_idx[int(i)]
             return np.take(bare_x, idx, axis=0), np.take(bare_y, idx, axis=0)
 
-        def make() -> tuple[Any]:
-            def op(i: Any) -> Any:
-                bx, by = tf.numpy_function(take, [i], (tf.float32, tf.int32))
-                bx.set_shape((B, _data.FEATURES))
-                by.set_shape((B,))
-                return bx, by
+        def op(i: Any) -> Any:
+            bx, by = tf.numpy_function(take, [i], (tf.float32, tf.int32))
+            bx.set_shape((B, _data.FEATURES))
+            by.set_shape((B,))
+            return bx, by
 
-            ds = (
-                tf.data.Dataset.range(steps)
-                .map(op, num_parallel_calls=cfg.workers, deterministic=True)
-                .prefetch(tf.data.AUTOTUNE)
-            )
-            return (ds,)
-
-        return measure(make, {})
+        return batch_per_step(op)
 
     # The same rows again, gathered by TensorFlow from tensors in memory: no
     # Python, no file, no checks. The cheapest way to feed fit these rows.
@@ -653,19 +656,11 @@ def case_fit(cfg: Config, spe: int) -> CaseResult:
     ram_idx = tf.constant(np.stack(limit_idx))
 
     def ram_gather_limit(_r: int) -> Measurement:
-        def make() -> tuple[Any]:
-            def op(i: Any) -> Any:
-                idx = ram_idx[i]
-                return tf.gather(ram_x, idx), tf.gather(ram_y, idx)
+        def op(i: Any) -> Any:
+            idx = ram_idx[i]
+            return tf.gather(ram_x, idx), tf.gather(ram_y, idx)
 
-            ds = (
-                tf.data.Dataset.range(steps)
-                .map(op, num_parallel_calls=cfg.workers, deterministic=True)
-                .prefetch(tf.data.AUTOTUNE)
-            )
-            return (ds,)
-
-        return measure(make, {})
+        return batch_per_step(op)
 
     def ours() -> Any:
         return _fit_dataset(cfg, pair, n)

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fit-repeats",
         type=int,
         default=None,
-        help="rounds of the fit and GPU cases (default 5; quick 1)",
+        help="rounds of the fit and GPU cases (default 7; quick 1)",
     )
     p.add_argument("--memory-repeats", type=int, default=1, help="default 1")
     p.add_argument("--batch-size", type=int, default=1024, help="default 1024")
@@ -148,7 +148,7 @@ def make_config(args: argparse.Namespace) -> tuple[object, list[str]]:
         quick=q,
         batch_size=args.batch_size,
         repeats=args.repeats or (2 if q else 5),
-        fit_repeats=args.fit_repeats or (1 if q else 5),
+        fit_repeats=args.fit_repeats or (1 if q else 7),
         memory_repeats=args.memory_repeats,
         workers=args.workers,
         pipeline_bytes=args.pipeline_size or ((32 << 20) if q else (1 << 30)),
