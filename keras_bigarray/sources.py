@@ -98,14 +98,33 @@ def will_need(path: str, spans: Iterable[tuple[int, int]]) -> None:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
+    streak = _CACHED_CALLS.get(path, 0)
     try:
+        if streak >= _CACHED_STREAK and all(
+            _page_cached(fd, a, n) for a, n in (spans[0], spans[-1])
+        ):
+            return
+        missing = 0
         for offset, length in spans:
             if not _page_cached(fd, offset, length):
+                missing += 1
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-    except OSError:
+        if len(_CACHED_CALLS) >= _CACHED_PATHS and path not in _CACHED_CALLS:
+            _CACHED_CALLS.pop(next(iter(_CACHED_CALLS)), None)
+        _CACHED_CALLS[path] = 0 if missing else streak + 1
+    except (OSError, RuntimeError):  # RuntimeError: another thread resized the dict
         pass
     finally:
         os.close(fd)
+
+
+# Calls in a row, per file, that found every span in the page cache. From
+# _CACHED_STREAK on, a call checks only its first and last spans (a file that
+# fits in memory stays cached: a window's ~30 checks cost more than the rest
+# of its hinting); a span found missing brings the full checks back.
+_CACHED_CALLS: dict[str, int] = {}
+_CACHED_STREAK = 4
+_CACHED_PATHS = 4096
 
 
 def _page_cached(fd: int, offset: int, length: int) -> bool:

@@ -484,6 +484,42 @@ def test_hints_skip_spans_in_the_page_cache(tmp_path, monkeypatch):
     assert sent == [(0, 50_000), (60_000, 40_000)]
 
 
+@_LINUX_HINTS
+def test_hints_of_a_file_found_cached_check_less(tmp_path, monkeypatch):
+    # After a few calls that found everything cached, a call checks its first
+    # and last spans only; one found missing brings every check back.
+    import errno
+
+    p = tmp_path / "x.bin"
+    p.write_bytes(b"\1" * 100_000)
+    path = str(p)
+    spans = [(0, 10_000), (20_000, 10_000), (40_000, 10_000), (60_000, 10_000)]
+    cold: set[int] = set()
+    checked: list[int] = []
+    sent: list[int] = []
+
+    def preadv(fd, buffers, offset, flags):
+        checked.append(offset)
+        if any(a <= offset < a + n for a, n in spans if a in cold):
+            raise OSError(errno.EAGAIN, "would block")
+        return 1
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, a, n, adv: sent.append(a))
+    monkeypatch.setattr(sources, "_CACHED_CALLS", {})
+    for _ in range(sources._CACHED_STREAK):
+        sources.will_need(path, spans)
+    assert len(checked) == 2 * len(spans) * sources._CACHED_STREAK and not sent
+    checked.clear()
+    sources.will_need(path, spans)
+    assert checked == [0, 9_999, 60_000, 69_999] and not sent
+    cold.add(0)  # the first span leaves the page cache
+    checked.clear()
+    sources.will_need(path, spans)
+    assert sent == [0] and len(checked) > 4
+    assert sources._CACHED_CALLS[path] == 0
+
+
 def test_failing_hints_change_nothing(tmp_path, monkeypatch):
     def fadvise(*_):
         raise OSError(22, "Invalid argument")
