@@ -295,7 +295,7 @@ class Sampler:
         )
         self._cache: dict[tuple[int, int], list[np.ndarray]] = {}
         self._perms: dict[tuple[int, int], Permutation] = {}
-        self._small: dict[tuple[int, ...], Any] = {}
+        self._small: dict[tuple[Any, ...], Any] = {}  # per-epoch block-order parts
         self._lock = threading.Lock()
         self._compute_lock = threading.Lock()
 
@@ -315,6 +315,11 @@ class Sampler:
     @property
     def num_batches(self) -> int:
         return self.layout.num_batches
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks of `block_rows` rows (the last one may be partial)."""
+        return -(-self.num_rows // self.block_rows)
 
     def warn_if_rows_left_out(self, stacklevel: int = 3) -> None:
         d = self.layout.dropped
@@ -347,7 +352,7 @@ class Sampler:
             return self._perm(epoch, 0, self.num_rows)(pos)
         return self._block_order(epoch, pos)
 
-    def _remember(self, key: tuple[int, ...], value: Any) -> Any:
+    def _remember(self, key: tuple[Any, ...], value: Any) -> Any:
         with self._lock:
             if len(self._small) >= 4 * _CACHE_ENTRIES:
                 self._small.pop(next(iter(self._small)))
@@ -360,11 +365,11 @@ class Sampler:
         The partial last block (`hole` rows short) sits in slot `s_star` of
         window `w_star`; without one, `w_star` is past every window.
         """
-        got = self._small.get((0, epoch))
+        got = self._small.get(("windows", epoch))
         if got is not None:
             return got
         n, br, w = self.num_rows, self.block_rows, self.window_blocks
-        nblocks = -(-n // br)
+        nblocks = self.num_blocks
         hole = nblocks * br - n  # rows missing from the partial last block
         if hole:
             blocks = self._perm(epoch, 1, nblocks)
@@ -372,7 +377,7 @@ class Sampler:
             w_star, s_star = divmod(slot, w)
         else:
             w_star, s_star = nblocks, 0  # no window is short
-        return self._remember((0, epoch), (w_star, s_star, hole))
+        return self._remember(("windows", epoch), (w_star, s_star, hole))
 
     def _block_slots(self, epoch: int, lo: int, hi: int) -> np.ndarray:
         """The blocks in slots `lo:hi` of `epoch`'s block order.
@@ -381,15 +386,15 @@ class Sampler:
         slots through the permutation cost as much numpy overhead as
         thousands (about 80 us), and every batch of a window needs them.
         """
-        nblocks = -(-self.num_rows // self.block_rows)
+        nblocks = self.num_blocks
         out = []
         for c in range(lo // _SLOTS, -(-hi // _SLOTS)):
-            got = self._small.get((1, epoch, c))
+            got = self._small.get(("slots", epoch, c))
             if got is None:
                 a, b = c * _SLOTS, min((c + 1) * _SLOTS, nblocks)
                 got = self._perm(epoch, 1, nblocks)(np.arange(a, b, dtype=np.int64))
                 got.flags.writeable = False
-                self._remember((1, epoch, c), got)
+                self._remember(("slots", epoch, c), got)
             out.append(got[max(lo - c * _SLOTS, 0) : hi - c * _SLOTS])
         return out[0] if len(out) == 1 else np.concatenate(out)
 
@@ -411,19 +416,20 @@ class Sampler:
         w_star, _, hole = self._windows(epoch)
         w = self.window_blocks
         first = self._window_at(lo, w_star, hole) * w
-        nblocks = -(-self.num_rows // self.block_rows)
-        last = min((self._window_at(hi - 1, w_star, hole) + 1) * w, nblocks)
+        last = min((self._window_at(hi - 1, w_star, hole) + 1) * w, self.num_blocks)
         return self._block_slots(epoch, first, last)
 
     def _block_order(self, epoch: int, pos: np.ndarray) -> np.ndarray:
         n, br, w = self.num_rows, self.block_rows, self.window_blocks
-        nblocks = -(-n // br)
+        nblocks = self.num_blocks
         last_len = n - (nblocks - 1) * br
         win_rows = w * br
         w_star, s_star, hole = self._windows(epoch)
-        window_keys = self._small.get((2, epoch))
+        window_keys = self._small.get(("window keys", epoch))
         if window_keys is None:  # SeedSequence: ~20 us a call
-            window_keys = self._remember((2, epoch), _keys(self.seed, epoch, 2))
+            window_keys = self._remember(
+                ("window keys", epoch), _keys(self.seed, epoch, 2)
+            )
         # Window wi holds epoch positions [start(wi), start(wi) + length(wi)).
         # Positions are ascending and contiguous, so each window's are one run.
         rows = np.empty_like(pos)
