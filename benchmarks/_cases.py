@@ -503,6 +503,13 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
+def _clocked(fn: Any) -> tuple[float, float]:
+    """Runs `fn()`: its wall time and the process's CPU time, in seconds."""
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    fn()
+    return time.perf_counter() - t0, _cpu_seconds() - c0
+
+
 def _epoch_timer() -> Any:
     import keras
 
@@ -1048,13 +1055,15 @@ def case_huge(cfg: Config) -> CaseResult:
         )
         nb = len(ds)
         limit = min(nb, disk_bytes // (B * _data.ROW_NBYTES))
-        t0, c0 = time.perf_counter(), _cpu_seconds()
         it = ds.iterate_epoch(epoch=0)
-        for _ in range(limit):
-            next(it)
-        dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+
+        def read() -> None:
+            for _ in range(limit):  # each batch dropped as soon as it is read
+                next(it)
+
+        dt, cpu = _clocked(read)
         it.close()
-        del ds, it
+        ds = it = None  # released before the next variant
         gc.collect()
         return Measurement(
             dt, limit * B, limit * B * _data.ROW_NBYTES, {"cpu_cores": cpu / dt}
@@ -1073,10 +1082,8 @@ def case_huge(cfg: Config) -> CaseResult:
             seed=SEED,
             workers=cfg.workers,
         )
-        t0, c0 = time.perf_counter(), _cpu_seconds()
-        model.fit(ds, epochs=1, verbose=0)
-        dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-        del ds, model
+        dt, cpu = _clocked(lambda: model.fit(ds, epochs=1, verbose=0))
+        ds = model = None  # released before the next variant
         gc.collect()
         return Measurement(
             dt,

@@ -15,10 +15,6 @@ from keras_bigarray.sources import BigArray
 
 __all__ = ["BatchReadError", "BatchReader", "flatten", "map_structure"]
 
-# Under block shuffle, groups of batches (one window's rows each) hinted
-# beyond the one being read.
-HINT_AHEAD = 1
-
 
 class BatchReadError(RuntimeError):
     """A batch could not be read; the message names the batch and the source."""
@@ -90,7 +86,7 @@ class BatchReader:
         if self._last_group == here:  # the common case: nothing new to hint
             return
         self._last_group = here
-        for group in range(index // per, index // per + 1 + HINT_AHEAD):
+        for group in (index // per, index // per + 1):
             first = group * per
             if first >= s.num_batches:
                 return

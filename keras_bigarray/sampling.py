@@ -338,10 +338,7 @@ class Sampler:
         perm = self._perms.get(key)
         if perm is None or perm.n != n:
             perm = Permutation(n, _keys(self.seed, epoch, stream))
-            with self._lock:
-                if len(self._perms) >= _CACHE_ENTRIES:
-                    self._perms.pop(next(iter(self._perms)))
-                self._perms[key] = perm
+            self._remember(self._perms, key, perm)
         return perm
 
     def _order(self, epoch: int, pos: np.ndarray) -> np.ndarray:
@@ -352,11 +349,14 @@ class Sampler:
             return self._perm(epoch, 0, self.num_rows)(pos)
         return self._block_order(epoch, pos)
 
-    def _remember(self, key: tuple[Any, ...], value: Any) -> Any:
+    def _remember(self, cache: dict[Any, Any], key: Any, value: Any) -> Any:
+        """Stores `value` in one of the sampler's caches, dropping the oldest
+        entry past `_CACHE_ENTRIES` (4x that for the small per-epoch parts)."""
+        limit = _CACHE_ENTRIES * (4 if cache is self._small else 1)
         with self._lock:
-            if len(self._small) >= 4 * _CACHE_ENTRIES:
-                self._small.pop(next(iter(self._small)))
-            self._small[key] = value
+            if len(cache) >= limit:
+                cache.pop(next(iter(cache)))
+            cache[key] = value
         return value
 
     def _windows(self, epoch: int) -> tuple[int, int, int]:
@@ -377,7 +377,7 @@ class Sampler:
             w_star, s_star = divmod(slot, w)
         else:
             w_star, s_star = nblocks, 0  # no window is short
-        return self._remember(("windows", epoch), (w_star, s_star, hole))
+        return self._remember(self._small, ("windows", epoch), (w_star, s_star, hole))
 
     def _block_slots(self, epoch: int, lo: int, hi: int) -> np.ndarray:
         """The blocks in slots `lo:hi` of `epoch`'s block order.
@@ -394,7 +394,7 @@ class Sampler:
                 a, b = c * _SLOTS, min((c + 1) * _SLOTS, nblocks)
                 got = self._perm(epoch, 1, nblocks)(np.arange(a, b, dtype=np.int64))
                 got.flags.writeable = False
-                self._remember(("slots", epoch, c), got)
+                self._remember(self._small, ("slots", epoch, c), got)
             out.append(got[max(lo - c * _SLOTS, 0) : hi - c * _SLOTS])
         return out[0] if len(out) == 1 else np.concatenate(out)
 
@@ -428,7 +428,7 @@ class Sampler:
         window_keys = self._small.get(("window keys", epoch))
         if window_keys is None:  # SeedSequence: ~20 us a call
             window_keys = self._remember(
-                ("window keys", epoch), _keys(self.seed, epoch, 2)
+                self._small, ("window keys", epoch), _keys(self.seed, epoch, 2)
             )
         # Window wi holds epoch positions [start(wi), start(wi) + length(wi)).
         # Positions are ascending and contiguous, so each window's are one run.
@@ -512,11 +512,7 @@ class Sampler:
             batches.append(np.sort(rows[full:]))
         for arr in batches:
             arr.flags.writeable = False  # shared by every caller of batch()
-        with self._lock:
-            if len(self._cache) >= _CACHE_ENTRIES:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = batches
-        return batches
+        return self._remember(self._cache, key, batches)
 
     def batch(self, epoch: int, index: int) -> tuple[np.ndarray, int]:
         """`(rows, num_real)` of batch `index` of `epoch` on this shard."""

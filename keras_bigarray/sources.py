@@ -77,6 +77,15 @@ def touch_row_heads(data: np.ndarray, starts: np.ndarray, row_nbytes: int) -> No
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0) if hasattr(os, "preadv") else 0
 
 
+# Calls in a row, per file, that found every span in the page cache. From
+# _CACHED_STREAK on, a call checks only its first and last spans (a file that
+# fits in memory stays cached: a window's ~30 checks cost more than the rest
+# of its hinting); a span found missing brings the full checks back.
+_CACHED_CALLS: dict[str, int] = {}
+_CACHED_STREAK = 4
+_CACHED_PATHS = 4096
+
+
 def will_need(path: str, spans: Iterable[tuple[int, int]]) -> None:
     """Starts reading `(byte offset, length)` spans of the file at `path` into
     the page cache without waiting (`posix_fadvise(WILLNEED)`). A hint: every
@@ -109,22 +118,13 @@ def will_need(path: str, spans: Iterable[tuple[int, int]]) -> None:
             if not _page_cached(fd, offset, length):
                 missing += 1
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-        if len(_CACHED_CALLS) >= _CACHED_PATHS and path not in _CACHED_CALLS:
-            _CACHED_CALLS.pop(next(iter(_CACHED_CALLS)), None)
+        if len(_CACHED_CALLS) >= _CACHED_PATHS:  # many shards: start over
+            _CACHED_CALLS.clear()
         _CACHED_CALLS[path] = 0 if missing else streak + 1
-    except (OSError, RuntimeError):  # RuntimeError: another thread resized the dict
+    except OSError:
         pass
     finally:
         os.close(fd)
-
-
-# Calls in a row, per file, that found every span in the page cache. From
-# _CACHED_STREAK on, a call checks only its first and last spans (a file that
-# fits in memory stays cached: a window's ~30 checks cost more than the rest
-# of its hinting); a span found missing brings the full checks back.
-_CACHED_CALLS: dict[str, int] = {}
-_CACHED_STREAK = 4
-_CACHED_PATHS = 4096
 
 
 def _page_cached(fd: int, offset: int, length: int) -> bool:
