@@ -4,12 +4,14 @@ storage dtype, with zero-filled padding rows and their 0/1 weights."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from keras_bigarray._memory import available_memory
 from keras_bigarray.sampling import Sampler
 from keras_bigarray.sources import BigArray
 
@@ -36,6 +38,71 @@ def flatten(s: Any) -> list[Any]:
     return leaves
 
 
+class _Windows:
+    """Block-shuffle windows read with direct I/O, `AHEAD` groups ahead of the
+    reading, each by a thread of its own, so the disk is never idle waiting
+    for a batch to ask. At most `KEEP` groups stay in memory (a group is one
+    window's batches: each source's window, ~16 MiB at the default blocks).
+
+    A reader that finds its group evicted (far behind the others) reads it
+    again: slower, never wrong. After a fork the child starts empty.
+    """
+
+    AHEAD = 2
+    KEEP = 6
+
+    def __init__(self, load: Callable[[int, int], dict[str, Any]]):
+        self._load = load
+        self._pid = -1
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: dict[tuple[int, int], _Group] = {}
+        self._pid = os.getpid()
+
+    def get(self, epoch: int, group: int, last: int) -> dict[str, Any]:
+        if self._pid != os.getpid():
+            self._reset()
+        with self._lock:
+            for g in range(group, min(group + self.AHEAD, last) + 1):
+                if (epoch, g) not in self._groups:
+                    self._start(epoch, g)
+            mine = self._groups[(epoch, group)]
+            stale = [k for k in self._groups if k[0] != epoch or not group - 2 <= k[1]]
+            for k in stale[: max(0, len(self._groups) - self.KEEP)]:
+                del self._groups[k]
+        return mine.wait()
+
+    def _start(self, epoch: int, group: int) -> None:
+        g = _Group()
+        self._groups[(epoch, group)] = g
+        threading.Thread(
+            target=g.fill, args=(self._load, epoch, group), daemon=True
+        ).start()
+
+
+class _Group:
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._result: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+
+    def fill(self, load: Callable[[int, int], dict[str, Any]], *at: int) -> None:
+        try:
+            self._result = load(*at)
+        except BaseException as e:  # handed to every reader of the group
+            self._error = e
+        finally:
+            self._done.set()
+
+    def wait(self) -> dict[str, Any]:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
 class BatchReader:
     """Reads batch `(epoch, index)` of a `Sampler` from a structure of sources.
 
@@ -58,18 +125,59 @@ class BatchReader:
         self._hinted_blocks: set[tuple[int, int]] = set()
         self._last_group: tuple[int, int] | None = None
         self._hint_lock = threading.Lock()
+        self._direct: dict[str, BigArray] | None = None
+        self._windows = _Windows(self._load_group)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_hinted"] = []
         state["_hinted_blocks"] = set()
         state["_last_group"] = None
-        del state["_hint_lock"]
+        state["_direct"] = None
+        del state["_hint_lock"], state["_windows"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._hint_lock = threading.Lock()
+        self._windows = _Windows(self._load_group)
+
+    def _group_rows(self) -> int:
+        s = self.sampler
+        return max(1, (s.block_rows * s.window_blocks) // s.batch_size)
+
+    def _direct_sources(self) -> dict[str, BigArray]:
+        """The sources, by structure path, whose block-shuffle windows are read
+        with direct I/O (`BigArray.reads_direct`); decided once per process."""
+        if self._direct is None:
+            found: dict[str, BigArray] = {}
+            if self.sampler.mode == "block":
+                avail = available_memory()
+
+                def note(src: BigArray | None, path: str) -> None:
+                    if src is not None and src.reads_direct(avail):
+                        found[path] = src
+
+                for name, part in zip(
+                    ("x", "y", "sample_weight"), self.data, strict=True
+                ):
+                    if part is not None:
+                        map_structure(note, part, name)
+            self._direct = found
+        return self._direct
+
+    def _group_ranges(self, epoch: int, group: int) -> list[tuple[int, int]]:
+        """Row ranges of every block that the batches of `group` read."""
+        s = self.sampler
+        per = self._group_rows()
+        first = group * per
+        touched = s.batch_blocks(epoch, first, min(first + per, s.num_batches))
+        br, off, n = s.block_rows, self.row_offset, s.num_rows
+        return [(b * br + off, min(b * br + br, n) + off) for b in touched.tolist()]
+
+    def _load_group(self, epoch: int, group: int) -> dict[str, Any]:
+        ranges = self._group_ranges(epoch, group)
+        return {path: src.read_window(ranges) for path, src in self._direct.items()}
 
     def _hint_windows(self, epoch: int, index: int) -> None:
         """Under block shuffle, asks the OS to read the blocks of this window's
@@ -81,7 +189,7 @@ class BatchReader:
         group hints the blocks of its windows and of the next group's, once.
         """
         s = self.sampler
-        per = max(1, (s.block_rows * s.window_blocks) // s.batch_size)
+        per = self._group_rows()
         here = (epoch, index // per)
         if self._last_group == here:  # the common case: nothing new to hint
             return
@@ -102,21 +210,39 @@ class BatchReader:
                 if len(self._hinted_blocks) > 64 * s.window_blocks:
                     self._hinted_blocks = {(epoch, b) for b in blocks}
             ranges = [(b * br + off, min(b * br + br, n) + off) for b in blocks]
+            direct = self._direct_sources().values()
             for src in flatten(self.data):
-                if src is not None:
+                if src is not None and not any(src is d for d in direct):
                     src.will_need(ranges)
 
     def read(self, epoch: int, index: int) -> tuple[Any, ...]:
         """Batch `index` of `epoch` as `(x,)`, `(x, y)` or `(x, y, sample_weight)`."""
+        windows: dict[str, Any] = {}
         if self.sampler.mode == "block":
             self._hint_windows(epoch, index)
+            if self._direct_sources():
+                per = self._group_rows()
+                last = (self.sampler.num_batches - 1) // per
+                try:
+                    windows = self._windows.get(epoch, index // per, last)
+                except Exception as e:
+                    raise BatchReadError(
+                        f"reading the window of batch {index} of epoch {epoch} "
+                        f"with direct I/O failed: {type(e).__name__}: {e}"
+                    ) from e
         rows, num_real = self.sampler.batch(epoch, index)
         rows = rows + self.row_offset if self.row_offset else rows
         size = self.sampler.batch_size if self.sampler.pad_remainder else num_real
 
         def load(src: BigArray, path: str) -> np.ndarray:
+            window = windows.get(path)
             try:
-                got = src.read_sorted(rows, unique=True)  # sampler rows never repeat
+                if window is not None:
+                    got = window.take(rows)
+                else:
+                    if path in windows:  # the file system refused direct I/O
+                        self._direct.pop(path, None)
+                    got = src.read_sorted(rows, unique=True)  # rows never repeat
             except Exception as e:
                 raise BatchReadError(
                     f"reading batch {index} of epoch {epoch} from {path or 'x'} = "

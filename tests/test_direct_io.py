@@ -1,0 +1,215 @@
+"""Direct I/O under block shuffle: a file larger than the memory available has
+each window's blocks read with O_DIRECT into one buffer, and every batch
+gathered from it. The batches must be exactly those of the memory-mapped path,
+whatever the row size, header offset, shard bounds or reader threads."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+
+import numpy as np
+import pytest
+from conftest import indexed_rows, open_kind, row_ids
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import keras_bigarray as kb
+from keras_bigarray import reading, sources
+from keras_bigarray.reading import BatchReadError
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's"
+)
+
+
+@pytest.fixture(autouse=True)
+def _needs_direct_io(tmp_path):
+    # Some file systems (tmpfs before Linux 6.6) refuse O_DIRECT: the reader
+    # then falls back to the memory map, which the fallback test covers.
+    p = tmp_path / "probe.bin"
+    p.write_bytes(b"\0" * 8192)
+    try:
+        os.close(os.open(p, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    p.unlink()
+
+
+def _epoch(x, y, direct: bool, **kw):
+    x.direct_io = direct
+    ds = kb.BigArrayDataset(x, y, shuffle="block", **kw)
+    assert bool(ds.reader._direct_sources()) is direct
+    return [ds[i] for i in range(len(ds))]
+
+
+def _same(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+
+
+def _count_windows(monkeypatch):
+    calls = []
+    real = sources.read_direct
+
+    def counted(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(sources, "read_direct", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["npy", "raw", "shards"])
+def test_direct_batches_equal_the_mapped_ones(tmp_path, monkeypatch, kind):
+    n = 1000
+    x = open_kind(kind, tmp_path, indexed_rows(n, (5,), "float64"))
+    y = np.arange(n)
+    kw = dict(batch_size=64, seed=3, block_rows=37, shuffle_window=4, rows=(11, n))
+    want = _epoch(x, y, False, **kw)
+    calls = _count_windows(monkeypatch)
+    got = _epoch(x, y, True, **kw)
+    assert calls, "the direct path was not taken"
+    _same(got, want)
+    ids = np.concatenate([row_ids(b[0]) for b in got])
+    assert sorted(ids.tolist()) == list(range(11, n))
+    np.testing.assert_array_equal(ids, np.concatenate([b[1] for b in got]))
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    n=st.integers(1, 600),
+    row=st.sampled_from([(1,), (3,), (7,), (256,), (1023,), (2, 3)]),
+    dtype=st.sampled_from(["uint8", "int16", "float32", "float64"]),
+    offset=st.integers(0, 5000),
+    batch_size=st.integers(1, 70),
+    block_rows=st.integers(1, 50),
+    window=st.integers(1, 5),
+    seed=st.integers(0, 2**32),
+)
+def test_direct_reads_any_layout(
+    tmp_path, n, row, dtype, offset, batch_size, block_rows, window, seed
+):
+    # Raw files with any header length: rows at every alignment to 4 KiB.
+    data = indexed_rows(n, row, dtype)
+    p = tmp_path / f"x_{n}_{offset}_{dtype}_{len(row)}.raw"
+    p.write_bytes(b"\xff" * offset + data.tobytes())
+    x = kb.open_array(str(p), dtype=dtype, shape=(-1, *row), offset=offset)
+    kw = dict(batch_size=batch_size, seed=seed, block_rows=block_rows)
+    kw["shuffle_window"] = window
+    _same(_epoch(x, None, True, **kw), _epoch(x, None, False, **kw))
+
+
+def test_direct_reads_every_row_once_with_threads_and_tf_data(tmp_path):
+    n = 3000
+    x = open_kind("npy", tmp_path, indexed_rows(n, (4,)))
+    x.direct_io = True
+    ds = kb.BigArrayDataset(
+        x,
+        np.arange(n),
+        batch_size=50,
+        shuffle="block",
+        seed=1,
+        block_rows=20,
+        shuffle_window=3,
+        workers=3,
+    )
+    for epoch in (0, 1):
+        ids = [
+            np.testing.assert_array_equal(row_ids(bx), by) or by
+            for bx, by in ds.iterate_epoch(epoch)
+        ]
+        assert sorted(np.concatenate(ids).tolist()) == list(range(n))
+    tfds = ds.to_tf_dataset()
+    ids = np.concatenate([by.numpy() for _, by in tfds])
+    assert sorted(ids.tolist()) == list(range(n))
+
+
+def test_direct_io_is_chosen_by_size_and_can_be_forced_or_refused(tmp_path):
+    x = open_kind("npy", tmp_path, indexed_rows(100, (4,)))
+    assert x.direct_io is None
+    assert x.reads_direct(available=x.nbytes - 1)  # larger than the memory left
+    assert not x.reads_direct(available=x.nbytes)
+    assert not x.reads_direct(available=None)
+    x.direct_io = True
+    assert x.reads_direct(available=10 * x.nbytes)
+    x.direct_io = False
+    assert not x.reads_direct(available=0)
+    h5 = open_kind("h5_chunked", tmp_path, indexed_rows(100, (4,)), name="h")
+    for other in (kb.open_array(np.zeros((100, 4))), h5):
+        other.direct_io = True
+        assert not other.reads_direct(available=0)  # no file bytes to read directly
+    np.save(tmp_path / "f.npy", np.asfortranarray(indexed_rows(10, (3,))))
+    with pytest.warns(UserWarning, match="Fortran"):
+        f = kb.open_array(str(tmp_path / "f.npy"))
+    assert not f.direct_capable  # Fortran order: rows are scattered
+
+
+def test_other_shuffles_and_small_labels_stay_mapped(tmp_path):
+    n = 500
+    x = open_kind("npy", tmp_path, indexed_rows(n, (4,)))
+    y = open_kind("npy", tmp_path, np.arange(n), name="y")
+    x.direct_io = True
+    for shuffle in (False, True):
+        ds = kb.BigArrayDataset(x, y, batch_size=32, shuffle=shuffle)
+        assert ds.reader._direct_sources() == {}
+    ds = kb.BigArrayDataset(x, y, batch_size=32, shuffle="block")
+    assert set(ds.reader._direct_sources()) == {"x"}  # y is small: auto says no
+
+
+def test_refused_o_direct_falls_back_to_the_memory_map(tmp_path, monkeypatch):
+    n = 400
+    x = open_kind("npy", tmp_path, indexed_rows(n, (3,)))
+    kw = dict(batch_size=32, seed=5, block_rows=10)
+    want = _epoch(x, np.arange(n), False, **kw)
+    real_open = os.open
+
+    def no_direct(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    x2 = kb.open_array(x.path)
+    x2.direct_io = True
+    ds = kb.BigArrayDataset(x2, np.arange(n), shuffle="block", **kw)
+    _same([ds[i] for i in range(len(ds))], want)
+    assert not x2.direct_capable
+    assert ds.reader._direct_sources() == {}
+
+
+def test_a_file_truncated_after_opening_names_the_file(tmp_path):
+    n = 300
+    x = open_kind("npy", tmp_path, indexed_rows(n, (256,)))
+    x.direct_io = True
+    ds = kb.BigArrayDataset(x, batch_size=300, shuffle="block", seed=0, block_rows=10)
+    os.truncate(x.path, os.path.getsize(x.path) - 5000)
+    with pytest.raises(BatchReadError, match=r"x\.npy.*truncated"):
+        ds[0]
+
+
+def test_windows_are_bounded_and_a_pickled_reader_starts_empty(tmp_path, monkeypatch):
+    n = 4000
+    x = open_kind("npy", tmp_path, indexed_rows(n, (2,)))
+    x.direct_io = True
+    ds = kb.BigArrayDataset(
+        x, batch_size=10, shuffle="block", seed=2, block_rows=10, shuffle_window=2
+    )
+    r = ds.reader
+    for i in range(len(ds)):
+        r.read(0, i)
+        assert len(r._windows._groups) <= reading._Windows.KEEP
+    clone = pickle.loads(pickle.dumps(r))
+    assert clone._direct is None
+    assert not getattr(clone._windows, "_groups", None)
+    np.testing.assert_array_equal(clone.read(0, 7)[0], r.read(0, 7)[0])
+    # Far behind the others (evicted), a batch reads its window again.
+    np.testing.assert_array_equal(r.read(0, 0)[0], clone.read(0, 0)[0])
