@@ -49,7 +49,7 @@ class _Windows:
     """
 
     AHEAD = 2
-    KEEP = 6
+    KEEP = 4
 
     def __init__(self, load: Callable[[int, int], dict[str, Any]]):
         self._load = load
@@ -68,7 +68,7 @@ class _Windows:
                 if (epoch, g) not in self._groups:
                     self._start(epoch, g)
             mine = self._groups[(epoch, group)]
-            stale = [k for k in self._groups if k[0] != epoch or not group - 2 <= k[1]]
+            stale = [k for k in self._groups if k[0] != epoch or k[1] < group - 1]
             for k in stale[: max(0, len(self._groups) - self.KEEP)]:
                 del self._groups[k]
         return mine.wait()

@@ -147,6 +147,14 @@ def test_sharded_tf_dataset_turns_auto_shard_off():
     assert policy == tf.data.experimental.AutoShardPolicy.OFF
 
 
+def test_tf_dataset_turns_the_autotuner_off():
+    # Its buffers and parallelism are fixed; autotuning them stalled whole
+    # epochs on a 2-core machine. fit(ds) takes the same pipeline.
+    ds = kb.BigArrayDataset(np.zeros((40, 1)), batch_size=4)
+    assert ds.to_tf_dataset().options().autotune.enabled is False
+    assert ds.get_tf_dataset().options().autotune.enabled is False
+
+
 @pytest.mark.parametrize("mp", [False, True])
 def test_list_targets_reach_a_two_output_model(mp):
     inputs = keras.Input((3,))
