@@ -71,6 +71,10 @@ _WORKER_READER: BatchReader | None = None
 
 def _init_worker(reader: BatchReader) -> None:
     global _WORKER_READER
+    # Each worker process reads a share of every window's batches: reading
+    # whole windows with direct I/O in each would multiply the disk's reads,
+    # so worker processes share the page cache instead.
+    reader.disable_direct_io()
     _WORKER_READER = reader
 
 

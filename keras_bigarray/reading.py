@@ -166,6 +166,10 @@ class BatchReader:
             self._direct = found
         return self._direct
 
+    def disable_direct_io(self) -> None:
+        """Reads every source through its memory map in this process."""
+        self._direct = {}
+
     def _group_ranges(self, epoch: int, group: int) -> list[tuple[int, int]]:
         """Row ranges of every block that the batches of `group` read."""
         s = self.sampler

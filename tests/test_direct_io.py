@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import keras_bigarray as kb
 from keras_bigarray import reading, sources
+from keras_bigarray.dataset import _init_worker
 from keras_bigarray.reading import BatchReadError
 
 pytestmark = pytest.mark.skipif(
@@ -213,3 +214,28 @@ def test_windows_are_bounded_and_a_pickled_reader_starts_empty(tmp_path, monkeyp
     np.testing.assert_array_equal(clone.read(0, 7)[0], r.read(0, 7)[0])
     # Far behind the others (evicted), a batch reads its window again.
     np.testing.assert_array_equal(r.read(0, 0)[0], clone.read(0, 0)[0])
+
+
+def test_worker_processes_read_through_the_page_cache(tmp_path):
+    # Each process reads a share of every window's batches: whole windows read
+    # directly in each would multiply the disk's reads.
+    n = 600
+    x = open_kind("npy", tmp_path, indexed_rows(n, (4,)))
+    x.direct_io = True
+    ds = kb.BigArrayDataset(
+        x,
+        np.arange(n),
+        batch_size=40,
+        shuffle="block",
+        seed=4,
+        block_rows=20,
+        workers=2,
+        use_multiprocessing=True,
+    )
+    assert ds.reader._direct_sources()  # the parent would read directly
+    got = list(ds.iterate_epoch(0))
+    want = [ds.reader.read(0, i) for i in range(len(ds))]
+    _same(got, want)
+    clone = pickle.loads(pickle.dumps(ds.reader))
+    _init_worker(clone)  # what a worker process runs first
+    assert clone._direct_sources() == {}
