@@ -100,11 +100,15 @@ def test_huge_path_on_a_small_file(tmp_path: Path) -> None:
     assert huge["skipped"] is None
     assert [v["key"] for v in huge["variants"] if v["measurements"]] == [
         "step",
+        "ram_fit",
         "disk",
+        "disk_blocks",
         "pipeline_block",
         "fit_block",
     ]
-    assert "NOT larger than RAM" in out.read_text()
+    text = out.read_text()
+    assert "NOT larger than RAM" in text
+    assert "Peak anonymous memory (sampled RssAnon) of ours grew" in text
 
 
 def test_data_dir_inside_the_repo_is_refused(tmp_path: Path) -> None:
