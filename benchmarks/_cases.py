@@ -23,7 +23,6 @@ from _harness import (
     fmt_rate,
     interleave,
     log,
-    timed,
 )
 
 SEED = 1234
@@ -60,6 +59,10 @@ class Config:
     # Any HDF5 measurement stops after this long, so that a slow path cannot
     # hold up the run (its rate is then over the batches it read).
     hdf5_cap_seconds: float = 15.0
+    # A pipeline or uncompressed HDF5 measurement repeats whole epochs until
+    # this long: one epoch there takes 0.1-0.4 s, and measurements that short
+    # swung by 2x from round to round on a 2-core VM.
+    min_seconds: float = 1.0
     huge: bool = False
     huge_bytes: int | None = None
     huge_fraction_of_ram: float = 1.25
@@ -100,9 +103,11 @@ def case_pipeline(cfg: Config) -> CaseResult:
         "Pipeline alone, .npy in the page cache",
         "MB/s",
         f"{rows * x.row_nbytes / 2**30:.2f} GiB float32 .npy ({rows:,} rows of "
-        f"{x.row_nbytes} bytes), batch {B}, one epoch ({nb} batches) per "
-        f"measurement, {100 * (cached or 0):.0f}% of the file in the page cache. "
-        "Batches are produced and dropped (no training).",
+        f"{x.row_nbytes} bytes), batch {B}, {100 * (cached or 0):.0f}% of the "
+        f"file in the page cache. A measurement reads whole epochs ({nb} "
+        f"batches each) until {cfg.min_seconds:g} s have passed; each epoch of "
+        "ours is a fresh shuffle. Batches are produced and dropped (no "
+        "training).",
     )
 
     def make(mode: str, workers: int = 1) -> Any:
@@ -125,43 +130,51 @@ def case_pipeline(cfg: Config) -> CaseResult:
         for m in ("global", "block")
     }
 
+    least = cfg.min_seconds
+
     def copy_run(_r: int) -> Measurement:
-        def go() -> tuple[int, int]:
+        def go(_p: int) -> tuple[int, int]:
             for i in range(nb):
                 np.array(bare[i * B : (i + 1) * B])
             return total
 
-        return timed(go)
+        return _passes(go, least)
 
     def take_run(mode: str):
         def run(_r: int) -> Measurement:
             idx = take_idx[mode]
 
-            def go() -> tuple[int, int]:
+            def go(_p: int) -> tuple[int, int]:
                 for i in range(nb):
                     np.take(bare, idx[i], axis=0)
                 return total
 
-            return timed(go)
+            return _passes(go, least)
 
         return run
 
+    # Round r of ours reads epochs 1000 r, 1000 r + 1, ...: each pass a fresh
+    # shuffle, with its sampling paid (the limits' indices are precomputed).
     def reader_run(mode: str):
-        def run(_r: int) -> Measurement:
-            return timed(lambda: (_read_all(readers[mode], 0, nb), total)[1])
+        def run(r: int) -> Measurement:
+            def go(p: int) -> tuple[int, int]:
+                _read_all(readers[mode], 1000 * r + p, nb)
+                return total
+
+            return _passes(go, least)
 
         return run
 
     parallel = {m: make(m, cfg.workers) for m in ("sequential", "global", "block")}
 
     def iter_run(mode: str):
-        def run(_r: int) -> Measurement:
-            def go() -> tuple[int, int]:
-                for _ in parallel[mode].iterate_epoch(epoch=0):
+        def run(r: int) -> Measurement:
+            def go(p: int) -> tuple[int, int]:
+                for _ in parallel[mode].iterate_epoch(epoch=1000 * r + p):
                     pass
                 return total
 
-            return timed(go)
+            return _passes(go, least)
 
         return run
 
@@ -173,12 +186,12 @@ def case_pipeline(cfg: Config) -> CaseResult:
                 tfds[mode] = make(mode).to_tf_dataset()
             ds = tfds[mode]
 
-            def go() -> tuple[int, int]:
-                for _ in ds:
+            def go(_p: int) -> tuple[int, int]:
+                for _ in ds:  # each iteration is the dataset's next epoch
                     pass
                 return total
 
-            return timed(go)
+            return _passes(go, least)
 
         return run
 
@@ -248,16 +261,37 @@ def case_pipeline(cfg: Config) -> CaseResult:
 # ---- HDF5 ----------------------------------------------------------------------------
 
 
+def _passes(one: Any, min_seconds: float) -> Measurement:
+    """Times whole passes `one(p) -> (rows, nbytes)`, p = 0, 1, ..., until
+    `min_seconds` have passed (at least one pass)."""
+    t0 = time.perf_counter()
+    rows = nbytes = p = 0
+    while True:
+        r, b = one(p)
+        rows, nbytes, p = rows + r, nbytes + b, p + 1
+        if time.perf_counter() - t0 >= min_seconds:
+            break
+    return Measurement(time.perf_counter() - t0, rows, nbytes, {"passes": float(p)})
+
+
 def _bounded(
-    fn: Any, nb: int, seconds: float, batch_rows: int, row_nbytes: int
+    fn: Any,
+    nb: int,
+    seconds: float,
+    batch_rows: int,
+    row_nbytes: int,
+    min_seconds: float = 0.0,
 ) -> Measurement:
-    """Runs `fn(i)` for batches until `seconds` pass (at least one)."""
+    """Runs `fn(i)` for batches until `seconds` pass (at least one). After
+    all `nb` batches, goes on with `fn(nb)`, `fn(nb + 1)`, ... (the next pass:
+    pass `i // nb`, batch `i % nb`) while less than `min_seconds` have passed."""
     t0 = time.perf_counter()
     done = 0
-    while done < nb:
+    while True:
         fn(done)
         done += 1
-        if time.perf_counter() - t0 >= seconds:
+        spent = time.perf_counter() - t0
+        if spent >= seconds or (done % nb == 0 and spent >= min_seconds):
             break
     dt = time.perf_counter() - t0
     return Measurement(
@@ -293,10 +327,15 @@ def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
             else ", no filters (ours reads the chunks' bytes through a memory map)"
         )
         + f", file in the page cache, batch {B}, single thread. Each "
-        f"measurement reads the epoch's {nb} batches in order, stopping after "
-        f"{cap:g} s; bounded ones stop after {cfg.bounded_seconds:g} s (at "
-        "least one batch). Rates are over the batches read. Round r of ours "
-        "reads epoch r, a fresh shuffle; "
+        f"measurement reads the epoch's {nb} batches in order"
+        + (
+            ""
+            if gzip
+            else f", and whole epochs again until {cfg.min_seconds:g} s have passed"
+        )
+        + f", stopping after {cap:g} s; bounded ones stop after "
+        f"{cfg.bounded_seconds:g} s (at least one batch). Rates are over the "
+        "batches read. Each epoch ours reads is a fresh shuffle; "
         + (
             "ours opens the file in each round, so its chunk cache starts cold "
             "like h5py's."
@@ -330,16 +369,18 @@ def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
         def run(_r: int) -> Measurement:
             with h5py.File(path, "r") as f:
                 d = f["x"]
-                return _bounded(lambda i: fn(d, i), nb, budget, B, rb)
+                return _bounded(lambda i: fn(d, i % nb), nb, budget, B, rb, least)
 
         return run
 
     # Uncompressed, ours reads through a memory map and holds no h5py handle:
     # it stays open across rounds, as a training job's dataset does across
     # epochs (the row-gather limit keeps its map too). Compressed, each round
-    # opens it afresh, so our chunk cache starts as cold as h5py's. Round r
-    # reads epoch r: a fresh shuffle, nothing of the sampler's carried over.
+    # opens it afresh, so our chunk cache starts as cold as h5py's. Pass p of
+    # round r reads epoch 1000 r + p: a fresh shuffle, nothing of the
+    # sampler's carried over.
     kept = None if gzip else kb.open_array(path, key="x")
+    least = 0.0 if gzip else cfg.min_seconds  # gzip: an epoch takes seconds
 
     def ours(mode: str, budget: float, user_handle_open: bool = False):
         def run(r: int) -> Measurement:
@@ -349,7 +390,14 @@ def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
             src = kept if kept is not None else kb.open_array(path, key="x")
             reader = BatchReader((src, None, None), samplers[mode])
             try:
-                return _bounded(lambda i: reader.read(r, i), nb, budget, B, rb)
+                return _bounded(
+                    lambda i: reader.read(1000 * r + i // nb, i % nb),
+                    nb,
+                    budget,
+                    B,
+                    rb,
+                    least,
+                )
             finally:
                 reader = src = None
                 gc.collect()  # closes a fresh handle before the next variant
@@ -409,7 +457,7 @@ def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
                 "gather_block",
                 "gather of the block-shuffle rows from the file's bytes (limit)",
                 False,
-                gather_limit(path, block_idx, cap),
+                gather_limit(path, block_idx, cap, least),
                 "1 KiB items gathered from a memmap of the file, indices precomputed",
                 "ROW GATHER, BLOCK IDX (LIMIT)",
             ),
@@ -446,7 +494,9 @@ def case_hdf5(cfg: Config, gzip: bool) -> CaseResult:
     return case
 
 
-def gather_limit(path: str, batches: list[np.ndarray], budget: float):
+def gather_limit(
+    path: str, batches: list[np.ndarray], budget: float, least: float = 0.0
+):
     """The bare cost of gathering given rows of an uncompressed HDF5 dataset.
 
     Each row is one `np.void` item at its byte offset in a memory map of the
@@ -470,8 +520,10 @@ def gather_limit(path: str, batches: list[np.ndarray], budget: float):
     ]
     B = batches[0].size
 
+    n = len(batches)
+
     def run(_r: int) -> Measurement:
-        return _bounded(lambda i: items[where[i]], len(batches), budget, B, width)
+        return _bounded(lambda i: items[where[i % n]], n, budget, B, width, least)
 
     return run
 

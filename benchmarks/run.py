@@ -157,6 +157,7 @@ def make_config(args: argparse.Namespace) -> tuple[object, list[str]]:
         memory_bytes=args.memory_sizes
         or ((16 * 10**6, 64 * 10**6) if q else (2 * 10**9, 8 * 10**9)),
         bounded_seconds=0.3 if q else 3.0,
+        min_seconds=0.0 if q else 1.0,
         huge=args.huge,
         huge_bytes=args.huge_size,
     )

@@ -150,7 +150,8 @@ def recommend(
             (
                 f"larger than the {format_bytes(available)} of available memory: "
                 "every epoch reads from disk, and block shuffle keeps those reads "
-                "near-sequential (1 MiB blocks)"
+                "near-sequential (1 MiB blocks; for .npy and raw files, read with "
+                "O_DIRECT, past the page cache)"
             ),
         )
     elif cached is not None and cached >= _CACHED_FRACTION:

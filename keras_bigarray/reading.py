@@ -68,8 +68,9 @@ class _Windows:
                 if (epoch, g) not in self._groups:
                     self._start(epoch, g)
             mine = self._groups[(epoch, group)]
-            stale = [k for k in self._groups if k[0] != epoch or k[1] < group - 1]
-            for k in stale[: max(0, len(self._groups) - self.KEEP)]:
+            near = {(epoch, g) for g in range(group - 1, group + self.AHEAD + 1)}
+            far = [k for k in self._groups if k not in near]  # oldest first
+            for k in far[: max(0, len(self._groups) - self.KEEP)]:
                 del self._groups[k]
         return mine.wait()
 

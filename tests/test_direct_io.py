@@ -205,9 +205,10 @@ def test_windows_are_bounded_and_a_pickled_reader_starts_empty(tmp_path, monkeyp
         x, batch_size=10, shuffle="block", seed=2, block_rows=10, shuffle_window=2
     )
     r = ds.reader
-    for i in range(len(ds)):
-        r.read(0, i)
-        assert len(r._windows._groups) <= reading._Windows.KEEP
+    for order in (range(len(ds)), reversed(range(len(ds))), [5, 390, 7, 200, 3]):
+        for i in order:
+            r.read(0, i)
+            assert len(r._windows._groups) <= reading._Windows.KEEP
     clone = pickle.loads(pickle.dumps(r))
     assert clone._direct is None
     assert not getattr(clone._windows, "_groups", None)
