@@ -11,7 +11,9 @@ import math
 import mmap
 import os
 import re
+import threading
 import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -159,12 +161,19 @@ class RowWindow:
     """Rows of a few row ranges of one array, in memory: one block-shuffle
     window, read at once. `take` gathers any sorted rows inside the ranges."""
 
-    __slots__ = ("firsts", "starts", "view")
+    __slots__ = ("firsts", "lease", "starts", "view")
 
-    def __init__(self, view: np.ndarray, starts: np.ndarray, firsts: np.ndarray):
+    def __init__(
+        self,
+        view: np.ndarray,
+        starts: np.ndarray,
+        firsts: np.ndarray,
+        lease: Any = None,
+    ):
         self.view = view  # rows, with gaps between ranges
         self.starts = starts  # first row of each range, ascending
         self.firsts = firsts  # where each range's first row is in `view`
+        self.lease = lease  # while held, the buffer under `view` is not reused
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         k = np.searchsorted(self.starts, rows, side="right") - 1
@@ -184,11 +193,51 @@ def _merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _window_buffer(nbytes: int) -> np.ndarray:
-    # Aligned for O_DIRECT. (Huge pages measured slower: zeroing them costs
-    # more than the TLB misses of the gather that they save.)
-    raw = np.empty(nbytes + _DIRECT_ALIGN, dtype=np.uint8)
-    return raw[(-raw.ctypes.data) % _DIRECT_ALIGN :][:nbytes]
+class _Lease:
+    """Held by the `RowWindow` over a pooled buffer: the buffer is free again
+    once no window holds its lease (weakly referenced by the pool)."""
+
+    __slots__ = ("__weakref__",)
+
+
+# Window buffers, reused: a fresh 16 MiB buffer for every window costs page
+# faults as the disk fills it, and, freed from the malloc arena of whichever
+# thread read it, memory that grew with the threads (188 MiB for one epoch).
+_POOL: list[tuple[np.ndarray, weakref.ref[_Lease]]] = []
+_POOL_LOCK = threading.Lock()
+_POOL_KEEP = 8
+_POOL_STEP = 8 << 20  # sizes rounded up to this, so that buffers fit more windows
+
+
+def _reset_pool() -> None:  # in a forked child: its lock may have been held
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _POOL.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool)
+
+
+def _window_buffer(nbytes: int) -> tuple[np.ndarray, _Lease]:
+    """`nbytes` aligned for O_DIRECT, and the lease that keeps them in use.
+    (Huge pages measured slower: zeroing them costs more than the TLB misses
+    of the gather that they save.)"""
+    lease = _Lease()
+    need = nbytes + _DIRECT_ALIGN
+    with _POOL_LOCK:
+        for k, (raw, ref) in enumerate(_POOL):
+            if ref() is None and raw.size >= need:
+                _POOL[k] = (raw, weakref.ref(lease))
+                break
+        else:
+            raw = np.empty(-(-need // _POOL_STEP) * _POOL_STEP, dtype=np.uint8)
+            free = [k for k, (_, ref) in enumerate(_POOL) if ref() is None]
+            if len(_POOL) < _POOL_KEEP:
+                _POOL.append((raw, weakref.ref(lease)))
+            elif free:  # a free buffer too small: this one takes its place
+                _POOL[free[0]] = (raw, weakref.ref(lease))
+    return raw[(-raw.ctypes.data) % _DIRECT_ALIGN :][:nbytes], lease
 
 
 def read_direct(
@@ -225,7 +274,7 @@ def read_direct(
             base += period
         plan.append((a0, end, base))
         cursor = base + a1 - a0
-    buf = _window_buffer(cursor)
+    buf, lease = _window_buffer(cursor)
     try:
         fd = os.open(path, os.O_RDONLY | flag)
     except OSError as e:
@@ -262,7 +311,7 @@ def read_direct(
         ],
         dtype=np.int64,
     )
-    return RowWindow(view, starts, firsts)
+    return RowWindow(view, starts, firsts, lease)
 
 
 def _check_dtype(dtype: np.dtype, what: str) -> np.dtype:

@@ -240,3 +240,23 @@ def test_worker_processes_read_through_the_page_cache(tmp_path):
     clone = pickle.loads(pickle.dumps(ds.reader))
     _init_worker(clone)  # what a worker process runs first
     assert clone._direct_sources() == {}
+
+
+def test_window_buffers_are_reused_only_once_released(tmp_path):
+    n = 2000
+    data = indexed_rows(n, (64,))
+    x = open_kind("npy", tmp_path, data)
+    ranges = [[(a, a + 50)] for a in range(0, 1900, 100)]
+    held = [x.read_window(r) for r in ranges[:3]]
+    ptrs = {w.view.ctypes.data for w in held}
+    assert len(ptrs) == 3  # held windows never share a buffer
+    for r in ranges[3:]:  # windows read and dropped at once reuse one buffer
+        x.read_window(r)
+    for w, r in zip(held, ranges, strict=False):  # still intact
+        rows = np.arange(r[0][0], r[0][1])
+        np.testing.assert_array_equal(w.take(rows), data[rows])
+    ptr = held[1].view.ctypes.data
+    del held[1]
+    again = x.read_window(ranges[5])
+    assert again.view.ctypes.data == ptr  # the released buffer, reused
+    assert len(sources._POOL) <= sources._POOL_KEEP
