@@ -53,6 +53,14 @@ def _same(got, want):
             np.testing.assert_array_equal(a, b)
 
 
+def _direct_dataset(tmp_path, n: int, **kw):
+    """Rows 0..n-1 of 4 values in a .npy read with direct I/O, labels their
+    index, block shuffle over blocks of 20 rows."""
+    x = open_kind("npy", tmp_path, indexed_rows(n, (4,)))
+    x.direct_io = True
+    return kb.BigArrayDataset(x, np.arange(n), shuffle="block", block_rows=20, **kw)
+
+
 def _count_windows(monkeypatch):
     calls = []
     real = sources.read_direct
@@ -111,17 +119,8 @@ def test_direct_reads_any_layout(
 
 def test_direct_reads_every_row_once_with_threads_and_tf_data(tmp_path):
     n = 3000
-    x = open_kind("npy", tmp_path, indexed_rows(n, (4,)))
-    x.direct_io = True
-    ds = kb.BigArrayDataset(
-        x,
-        np.arange(n),
-        batch_size=50,
-        shuffle="block",
-        seed=1,
-        block_rows=20,
-        shuffle_window=3,
-        workers=3,
+    ds = _direct_dataset(
+        tmp_path, n, batch_size=50, seed=1, shuffle_window=3, workers=3
     )
     for epoch in (0, 1):
         ids = [
@@ -221,17 +220,8 @@ def test_worker_processes_read_through_the_page_cache(tmp_path):
     # Each process reads a share of every window's batches: whole windows read
     # directly in each would multiply the disk's reads.
     n = 600
-    x = open_kind("npy", tmp_path, indexed_rows(n, (4,)))
-    x.direct_io = True
-    ds = kb.BigArrayDataset(
-        x,
-        np.arange(n),
-        batch_size=40,
-        shuffle="block",
-        seed=4,
-        block_rows=20,
-        workers=2,
-        use_multiprocessing=True,
+    ds = _direct_dataset(
+        tmp_path, n, batch_size=40, seed=4, workers=2, use_multiprocessing=True
     )
     assert ds.reader._direct_sources()  # the parent would read directly
     got = list(ds.iterate_epoch(0))
