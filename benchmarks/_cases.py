@@ -1124,6 +1124,20 @@ def case_huge(cfg: Config) -> CaseResult:
 
         return run
 
+    def second_epoch(ds: Any, steps: int, **fit_kw: Any) -> Measurement:
+        """A fresh model's fit(epochs=2) on `ds`, timing the second epoch."""
+        model = make_model(32)
+        timer = _epoch_timer()
+        model.fit(ds, epochs=2, verbose=0, callbacks=[timer], **fit_kw)
+        model = None  # released before the next variant
+        gc.collect()
+        return Measurement(
+            timer.times[1],
+            steps * B,
+            steps * B * _data.ROW_NBYTES,
+            {"cpu_cores": timer.cpu[1] / timer.times[1]},
+        )
+
     def ram_fit(_r: int) -> Measurement:
         # The same model fed block-shuffled rows that TensorFlow gathers from
         # tensors in RAM: no file, no Python. What fit reaches on this CPU with
@@ -1141,17 +1155,7 @@ def case_huge(cfg: Config) -> CaseResult:
         ds = _per_step(
             steps, lambda i: (tf.gather(rx, idx[i]), tf.gather(ry, idx[i])), cfg.workers
         )
-        model = make_model(32)
-        timer = _epoch_timer()
-        model.fit(ds, epochs=2, verbose=0, callbacks=[timer])
-        model = ds = rx = ry = None  # released before the next variant
-        gc.collect()
-        return Measurement(
-            timer.times[1],
-            steps * B,
-            steps * B * _data.ROW_NBYTES,
-            {"cpu_cores": timer.cpu[1] / timer.times[1]},
-        )
+        return second_epoch(ds, steps)
 
     def pipeline(_r: int) -> Measurement:
         _data.evict(pair.x)
@@ -1210,23 +1214,9 @@ def case_huge(cfg: Config) -> CaseResult:
         xm = np.load(pair.x, mmap_mode="r")
         ym = np.load(pair.y, mmap_mode="r")
         batch = (np.array(xm[:B]), np.array(ym[:B]))
-        model = make_model(32)
-        timer = _epoch_timer()
         steps = max(64, min(4096, rows // B))  # an epoch's worth, at most 4096
-        model.fit(
-            tf.data.Dataset.from_tensors(batch).repeat(),
-            epochs=2,
-            steps_per_epoch=steps,
-            verbose=0,
-            callbacks=[timer],
-        )
-        del model
-        gc.collect()
-        return Measurement(
-            timer.times[1],
-            steps * B,
-            steps * B * _data.ROW_NBYTES,
-            {"cpu_cores": timer.cpu[1] / timer.times[1]},
+        return second_epoch(
+            tf.data.Dataset.from_tensors(batch).repeat(), steps, steps_per_epoch=steps
         )
 
     variants = [
