@@ -177,12 +177,23 @@ class BatchReader:
         per = self._group_rows()
         first = group * per
         touched = s.batch_blocks(epoch, first, min(first + per, s.num_batches))
-        br, off, n = s.block_rows, self.row_offset, s.num_rows
-        return [(b * br + off, min(b * br + br, n) + off) for b in touched.tolist()]
+        return self._block_ranges(touched.tolist())
+
+    def _block_ranges(self, blocks: list[int]) -> list[tuple[int, int]]:
+        """The rows `[a, b)` of each block, in the sources' numbering."""
+        br, off, n = self.sampler.block_rows, self.row_offset, self.sampler.num_rows
+        return [(b * br + off, min(b * br + br, n) + off) for b in blocks]
 
     def _load_group(self, epoch: int, group: int) -> dict[str, Any]:
         ranges = self._group_ranges(epoch, group)
-        return {path: src.read_window(ranges) for path, src in self._direct.items()}
+        windows = {}
+        for path, src in list(self._direct.items()):
+            window = src.read_window(ranges)
+            if window is None:  # the file system refused direct I/O
+                self._direct.pop(path, None)
+            else:
+                windows[path] = window
+        return windows
 
     def _hint_windows(self, epoch: int, index: int) -> None:
         """Under block shuffle, asks the OS to read the blocks of this window's
@@ -207,14 +218,13 @@ class BatchReader:
                 if (epoch, group) in self._hinted:
                     continue
                 self._hinted = [*self._hinted[-7:], (epoch, group)]
-            br, off, n = s.block_rows, self.row_offset, s.num_rows
             touched = s.batch_blocks(epoch, first, first + per).tolist()
             with self._hint_lock:  # a block in two groups' windows: hint it once
                 blocks = [b for b in touched if (epoch, b) not in self._hinted_blocks]
                 self._hinted_blocks.update((epoch, b) for b in blocks)
                 if len(self._hinted_blocks) > 64 * s.window_blocks:
                     self._hinted_blocks = {(epoch, b) for b in blocks}
-            ranges = [(b * br + off, min(b * br + br, n) + off) for b in blocks]
+            ranges = self._block_ranges(blocks)
             direct = self._direct_sources().values()
             for src in flatten(self.data):
                 if src is not None and not any(src is d for d in direct):
@@ -245,8 +255,6 @@ class BatchReader:
                 if window is not None:
                     got = window.take(rows)
                 else:
-                    if path in windows:  # the file system refused direct I/O
-                        self._direct.pop(path, None)
                     got = src.read_sorted(rows, unique=True)  # rows never repeat
             except Exception as e:
                 raise BatchReadError(

@@ -178,7 +178,7 @@ class RowWindow:
     def take(self, rows: np.ndarray) -> np.ndarray:
         k = np.searchsorted(self.starts, rows, side="right") - 1
         at = rows - self.starts[k] + self.firsts[k]
-        w = self.view.itemsize * math.prod(self.view.shape[1:])
+        w = self.view.strides[0]  # the bytes of one row
         touch_row_heads(self.view, at * w, w)
         return np.take(self.view, at, axis=0)
 
@@ -822,31 +822,31 @@ class ShardedArray(BigArray):
     def _read_range(self, start: int, stop: int) -> np.ndarray:
         return self._read_sorted(np.arange(start, stop, dtype=np.int64))
 
-    def will_need(self, ranges: Sequence[tuple[int, int]]) -> None:
+    def _split_ranges(self, ranges: Sequence[tuple[int, int]]):
+        """`(k, shard k, its rows of the ranges)` for each shard they touch."""
         bounds = self.bounds.tolist()
         for k, part in enumerate(self.parts):
             lo, hi = bounds[k], bounds[k + 1]
             mine = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in ranges]
             mine = [(a, b) for a, b in mine if a < b]
             if mine:
-                part.will_need(mine)
+                yield k, part, mine
+
+    def will_need(self, ranges: Sequence[tuple[int, int]]) -> None:
+        for _, part, mine in self._split_ranges(ranges):
+            part.will_need(mine)
 
     @property
     def direct_capable(self) -> bool:
         return all(p.direct_capable for p in self.parts if len(p))
 
     def read_window(self, ranges: Sequence[tuple[int, int]]) -> Any:
-        bounds = self.bounds.tolist()
         parts: list[tuple[int, Any]] = []
-        for k, part in enumerate(self.parts):
-            lo, hi = bounds[k], bounds[k + 1]
-            mine = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in ranges]
-            mine = [(a, b) for a, b in mine if a < b]
-            if mine:
-                got = part.read_window(mine)
-                if got is None:
-                    return None
-                parts.append((k, got))
+        for k, part, mine in self._split_ranges(ranges):
+            got = part.read_window(mine)
+            if got is None:
+                return None
+            parts.append((k, got))
         return _ShardedWindow(self, parts)
 
     def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
