@@ -20,6 +20,7 @@ from keras_bigarray.sources import (
     BigArray,
     DuckArray,
     _check_dtype,
+    gather_rows,
     touch_row_heads,
     will_need,
 )
@@ -397,6 +398,7 @@ class HDF5Array(BigArray):
         local = self._local
         if not hasattr(local, "bytes"):
             local.bytes = None
+            local.rows = None
             local.ds = None
         return local
 
@@ -404,7 +406,23 @@ class HDF5Array(BigArray):
         local = self._handles()
         if local.bytes is None:
             local.bytes = np.memmap(self.path, dtype=np.uint8, mode="r")
+            local.rows = self._rows_in_file(local.bytes)
         return local.bytes
+
+    def _rows_in_file(self, raw: np.ndarray) -> np.ndarray | None:
+        """The rows as one array over the file's bytes, where they lie so:
+        contiguous data, or chunks stored back to back in row order (as h5py
+        writes a dataset given whole). Gathers from it run at np.take's speed,
+        ~1.3x the per-row byte offsets of `_gather_bytes` under global shuffle.
+        """
+        plan = self._plan()
+        w, n = self.row_nbytes, len(self)
+        if plan.sizes is not None or n * w == 0:
+            return None
+        at = int(plan.offsets[0])
+        if np.any(np.diff(plan.offsets) != plan.rows * w) or at + n * w > raw.size:
+            return None
+        return np.ndarray((n, *self.shape[1:]), self.dtype, raw, at)
 
     def _dataset(self) -> Any:
         local = self._handles()
@@ -444,10 +462,12 @@ class HDF5Array(BigArray):
     def _gather_bytes(self, idx: np.ndarray) -> np.ndarray:
         plan = self._plan()
         rows, width = plan.rows, self.row_nbytes
-        where = plan.offsets[idx // rows] + (idx % rows) * width
-        raw = self._file_bytes()
         if width == 0:
             return np.empty((idx.size, *self.shape[1:]), dtype=self.dtype)
+        raw = self._file_bytes()
+        if self._local.rows is not None:
+            return gather_rows(self._local.rows, idx)
+        where = plan.offsets[idx // rows] + (idx % rows) * width
         # Every byte offset as one `width`-byte item: a gather copies each row
         # with one memcpy (a (n, width) uint8 view copies byte by byte).
         touch_row_heads(raw, where, width)
@@ -526,12 +546,9 @@ class HDF5Array(BigArray):
             plan = self._plan()
             if plan.sizes is not None:
                 return self._read_decoded_range(start, stop)
-            if plan.offsets.size == 1:  # contiguous: one slice of the file
-                width = self.row_nbytes
-                raw = self._file_bytes()
-                a = int(plan.offsets[0]) + start * width
-                block = np.array(raw[a : a + (stop - start) * width])
-                return block.view(self.dtype).reshape(stop - start, *self.shape[1:])
+            self._file_bytes()
+            if self._local.rows is not None:
+                return np.array(self._local.rows[start:stop])
             return self._gather_bytes(np.arange(start, stop, dtype=np.int64))
         return np.asarray(self._dataset()[start:stop])
 
