@@ -398,15 +398,25 @@ class HDF5Array(BigArray):
         local = self._local
         if not hasattr(local, "bytes"):
             local.bytes = None
-            local.rows = None
+            local.rows = local.items = None
             local.ds = None
         return local
 
     def _file_bytes(self) -> np.ndarray:
         local = self._handles()
         if local.bytes is None:
-            local.bytes = np.memmap(self.path, dtype=np.uint8, mode="r")
-            local.rows = self._rows_in_file(local.bytes)
+            local.bytes = raw = np.memmap(self.path, dtype=np.uint8, mode="r")
+            local.rows = self._rows_in_file(raw)
+            plan, w = self._plan(), self.row_nbytes
+            if local.rows is None and plan.sizes is None and 0 < w <= raw.size:
+                # Each row as one `w`-byte item at any byte offset: a gather
+                # copies each row with one memcpy (a (n, w) uint8 view copies
+                # byte by byte). Row i of chunk c lies at bases[c] + i * w.
+                local.items = np.ndarray(
+                    (raw.size - w + 1,), np.dtype((np.void, w)), raw, strides=(1,)
+                )
+                steps = np.arange(plan.offsets.size, dtype=np.int64) * plan.rows
+                local.bases = plan.offsets - steps * w
         return local.bytes
 
     def _rows_in_file(self, raw: np.ndarray) -> np.ndarray | None:
@@ -465,19 +475,19 @@ class HDF5Array(BigArray):
         if width == 0:
             return np.empty((idx.size, *self.shape[1:]), dtype=self.dtype)
         raw = self._file_bytes()
-        if self._local.rows is not None:
-            return gather_rows(self._local.rows, idx)
-        where = plan.offsets[idx // rows] + (idx % rows) * width
-        # Every byte offset as one `width`-byte item: a gather copies each row
-        # with one memcpy (a (n, width) uint8 view copies byte by byte).
+        local = self._local
+        if local.rows is not None:
+            return gather_rows(local.rows, idx)
+        if rows & (rows - 1) == 0:  # a power of two: a shift, not a division
+            chunk = idx >> (rows.bit_length() - 1)
+        else:
+            chunk = idx // rows
+        if local.items is None:  # not even one row: the file was cut short
+            raise OSError(f"{self._where()}: the file ends before its rows")
+        where = local.bases[chunk]
+        where += idx * width
         touch_row_heads(raw, where, width)
-        rows_at = np.ndarray(
-            shape=(raw.size - width + 1,),
-            dtype=np.dtype((np.void, width)),
-            buffer=raw,
-            strides=(1,),
-        )
-        out = rows_at[where]
+        out = local.items[where]
         return out.view(self.dtype).reshape(idx.size, *self.shape[1:])
 
     def _chunk(self, c: int, cache: bool = True) -> np.ndarray:
