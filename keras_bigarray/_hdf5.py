@@ -376,6 +376,7 @@ class HDF5Array(BigArray):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_local"]
+        state.pop("_bases", None)  # rebuilt from the plan
         state["_cache"] = None
         state["_pid"] = -1
         plan = state["_byte_plan"]
@@ -411,13 +412,21 @@ class HDF5Array(BigArray):
             if local.rows is None and plan.sizes is None and 0 < w <= raw.size:
                 # Each row as one `w`-byte item at any byte offset: a gather
                 # copies each row with one memcpy (a (n, w) uint8 view copies
-                # byte by byte). Row i of chunk c lies at bases[c] + i * w.
+                # byte by byte).
                 local.items = np.ndarray(
                     (raw.size - w + 1,), np.dtype((np.void, w)), raw, strides=(1,)
                 )
-                steps = np.arange(plan.offsets.size, dtype=np.int64) * plan.rows
-                local.bases = plan.offsets - steps * w
         return local.bytes
+
+    def _row_bases(self) -> np.ndarray:
+        """Per chunk c, where row 0 would lie if chunk c held it: row i of chunk
+        c lies at byte `bases[c] + i * row_nbytes`. Once per process."""
+        bases = self.__dict__.get("_bases")
+        if bases is None:
+            plan = self._plan()
+            steps = np.arange(plan.offsets.size, dtype=np.int64) * plan.rows
+            bases = self._bases = plan.offsets - steps * self.row_nbytes
+        return bases
 
     def _rows_in_file(self, raw: np.ndarray) -> np.ndarray | None:
         """The rows as one array over the file's bytes, where they lie so:
@@ -484,7 +493,7 @@ class HDF5Array(BigArray):
             chunk = idx // rows
         if local.items is None:  # not even one row: the file was cut short
             raise OSError(f"{self._where()}: the file ends before its rows")
-        where = local.bases[chunk]
+        where = self._row_bases()[chunk]
         where += idx * width
         touch_row_heads(raw, where, width)
         out = local.items[where]
