@@ -418,6 +418,14 @@ class HDF5Array(BigArray):
                 )
         return local.bytes
 
+    def file_rows(self) -> tuple[str, int] | None:
+        if self._byte_plan is None:
+            return None
+        self._file_bytes()
+        if self._local.rows is None:
+            return None
+        return self.path, int(self._plan().offsets[0])
+
     def _row_bases(self) -> np.ndarray:
         """Per chunk c, where row 0 would lie if chunk c held it: row i of chunk
         c lies at byte `bases[c] + i * row_nbytes`. Once per process."""

@@ -465,6 +465,12 @@ class BigArray(abc.ABC):
         del ranges
         return None
 
+    def file_rows(self) -> tuple[str, int] | None:
+        """`(path, byte offset)` where every row lies in one file, one after
+        another in C order from that offset, as numpy would lay out the
+        array; None otherwise (compressed, sharded, in memory, ...)."""
+        return None
+
     def take(self, indices: Any) -> np.ndarray:
         """Rows at `indices`, in the order given (numpy `take` on axis 0)."""
         idx = _index.normalize_indices(indices, len(self))
@@ -583,6 +589,11 @@ class _MemmapArray(BigArray):
             and self.nbytes > 0
             and not self.__dict__.get("_no_direct", False)
         )
+
+    def file_rows(self) -> tuple[str, int] | None:
+        if self.fortran_order or self.nbytes == 0:
+            return None
+        return self.path, self.offset
 
     def read_window(self, ranges: Sequence[tuple[int, int]]) -> RowWindow | None:
         if not self.direct_capable:

@@ -34,6 +34,12 @@ def _as_tuples(s: Any) -> Any:
     return s
 
 
+def _native_order(a: np.ndarray) -> np.ndarray:
+    # TensorFlow takes an array's bytes as they are: a big-endian one ('>f4',
+    # as HDF5 and .npy files may store) would arrive as garbage.
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
 def element_spec(ds: BigArrayDataset) -> tuple[Any, ...]:
     """The `tf.TensorSpec` structure of one batch, from metadata alone."""
     b = ds.batch_size if _all_batches_full(ds) else None
@@ -74,7 +80,11 @@ def to_tf_dataset(
     `model.fit(tfds, epochs=3)` reshuffles without help. Batches are read by
     `num_parallel_reads` parallel calls (default: `max(2, ds.workers)`),
     delivered in order, at most `ds.max_queue_size` ahead: memory is bounded
-    by the queue, whatever the size of the array. A dataset that is one of
+    by the queue, whatever the size of the array. Where every array's rows lie
+    one after another in a file (`.npy`, raw, HDF5 stored so), a batch is a
+    `tf.gather` of its rows from tensors over the files' memory maps, with no
+    Python call per batch (`_gathered`); otherwise a `tf.numpy_function` reads
+    it. Both give the same batches. A dataset that is one of
     several shards (`num_shards > 1`) turns TensorFlow's auto-sharding off: it
     is sharded already. tf.data's autotuner is off too (every buffer here is
     fixed; on a small machine it stalled whole epochs); for transformations of
@@ -102,7 +112,7 @@ def to_tf_dataset(
 
     def read(epoch: np.int64, index: np.int64) -> list[np.ndarray]:
         batch = reader.read(int(epoch), int(index))
-        return flatten(batch[: len(spec)])
+        return [_native_order(a) for a in flatten(batch[: len(spec)])]
 
     def read_op(epoch: tf.Tensor, index: tf.Tensor) -> Any:
         leaves = tf.numpy_function(read, [epoch, index], tout, name="bigarray_read")
@@ -111,10 +121,18 @@ def to_tf_dataset(
         it = iter(leaves)
         return map_structure(lambda _s, _p: next(it), spec)
 
+    parallel = num_parallel_reads or max(2, ds.workers)
+    mapped = _mapped_tensors(ds, spec)
+    if mapped is not None:
+        return _finish(ds, _gathered(ds, mapped, spec, parallel), n, device)
+
     if ds.use_multiprocessing:
         # Worker processes read; tf.data only carries their batches in order.
         batches = tf.data.Dataset.from_generator(
-            lambda: (_as_tuples(b[: len(spec)]) for b in ds.iterate_epoch()),
+            lambda: (
+                _as_tuples(map_structure(lambda a, _: _native_order(a), b[: len(spec)]))
+                for b in ds.iterate_epoch()
+            ),
             output_signature=spec,
         )
         return _finish(ds, batches, n, device)
@@ -123,12 +141,126 @@ def to_tf_dataset(
         lambda _: tf.numpy_function(claim, [], tf.int64, stateful=True)
     )
     indices = epochs.flat_map(lambda e: tf.data.Dataset.range(n).map(lambda i: (e, i)))
-    batches = indices.map(
-        read_op,
-        num_parallel_calls=num_parallel_reads or max(2, ds.workers),
-        deterministic=True,
-    )
+    batches = indices.map(read_op, num_parallel_calls=parallel, deterministic=True)
     return _finish(ds, batches, n, device)
+
+
+# Batch row indices computed per Python call, a chunk of batches at a time.
+_INDEX_CHUNK_ROWS = 1 << 16
+
+
+def _mapped_tensors(ds: BigArrayDataset, spec: Any) -> list[Any] | None:
+    """Every array of `ds` as a tensor over a memory map of its file, without a
+    copy, for `_gathered`; None where that path does not apply.
+
+    It applies where every array's rows lie one after another in a file
+    (`BigArray.file_rows`: `.npy`, raw, HDF5 stored so) at a 64-byte aligned
+    address (TensorFlow aborts on less), in native byte order, in threads of
+    this process, without padding, and not read with direct I/O (block
+    shuffle over arrays larger than memory keeps its own reads). The maps are
+    copy-on-write: nothing can reach the file.
+    """
+    if ds.use_multiprocessing or ds.pad_remainder or not tf.executing_eagerly():
+        return None
+    reader = ds.reader
+    if reader._direct_sources():
+        return None
+    flat_spec = flatten(spec)
+    leaves = flatten(reader.data[: len(spec)])  # the parts a batch carries
+    tensors = []
+    for src, leaf_spec in zip(leaves, flat_spec, strict=True):
+        where = src.file_rows()
+        if where is None or not src.dtype.isnative:
+            return None
+        path, offset = where
+        try:
+            rows = np.memmap(path, src.dtype, "c", offset, src.shape)
+        except (OSError, ValueError):  # e.g. refused under strict overcommit
+            return None
+        if rows.ctypes.data % 64:
+            return None
+        try:
+            tensor = tf.experimental.dlpack.from_dlpack(rows.__dlpack__())
+        except Exception:  # a dtype DLPack cannot carry (bfloat16, ...)
+            return None
+        if tensor.dtype != leaf_spec.dtype:
+            return None
+        tensors.append(tensor)
+    return tensors
+
+
+def _gathered(
+    ds: BigArrayDataset, tensors: list[Any], spec: Any, parallel: int
+) -> tf.data.Dataset:
+    """The batches of `ds` as `tf.gather` of each batch's rows from `tensors`
+    (`_mapped_tensors`): no Python call per batch, and no copy of the rows
+    but the batch itself. The rows are the sampler's, so every batch is the
+    one `reader.read` returns.
+
+    The tensors reach the pipeline through a `py_function` once per epoch,
+    never captured in its graph: a captured tensor would be copied whenever
+    tf.data rewrites or serializes the graph (default optimizations,
+    `tf.distribute`'s replication).
+    """
+    sampler, reader = ds.sampler, ds.reader
+    n, b = len(ds), ds.batch_size
+    per = max(1, _INDEX_CHUNK_ROWS // b)
+    flat_spec = flatten(spec)
+    touts = [t.dtype for t in tensors]
+    full = _all_batches_full(ds)
+    block = sampler.mode == "block"
+
+    def claim() -> np.int64:
+        return np.int64(ds._claim_epoch())
+
+    def the_tensors() -> list[Any]:
+        return tensors
+
+    def indices(epoch: np.int64, chunk: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        e, first = int(epoch), int(chunk) * per
+        last = min(first + per, n)
+        rows = np.zeros((last - first, b), dtype=np.int64)
+        lengths = np.zeros(last - first, dtype=np.int32)
+        for j, i in enumerate(range(first, last)):
+            if block:
+                reader._hint_windows(e, i)
+            got, _ = sampler.batch(e, i)
+            rows[j, : got.size] = got
+            lengths[j] = got.size
+        rows += reader.row_offset
+        return rows, lengths
+
+    def start_epoch(_: Any) -> tuple[Any, ...]:
+        epoch = tf.numpy_function(claim, [], tf.int64, stateful=True)
+        arrays = tf.py_function(the_tensors, [], touts)
+        for a, t in zip(arrays, tensors, strict=True):
+            a.set_shape(t.shape)
+        return epoch, tuple(arrays)
+
+    def epoch_rows(epoch: Any, arrays: Any) -> tf.data.Dataset:
+        def chunk_rows(c: Any) -> tf.data.Dataset:
+            rows, lengths = tf.numpy_function(
+                indices, [epoch, c], [tf.int64, tf.int32], name="bigarray_rows"
+            )
+            rows.set_shape((None, b))
+            lengths.set_shape((None,))
+            return tf.data.Dataset.from_tensor_slices((rows, lengths))
+
+        chunks = tf.data.Dataset.range(-(-n // per)).flat_map(chunk_rows)
+        return chunks.map(lambda rows, length: (rows, length, arrays))
+
+    def gather(rows: Any, length: Any, arrays: Any) -> Any:
+        idx = rows if full else rows[:length]
+        leaves = [tf.gather(a, idx) for a in arrays]
+        for t, s in zip(leaves, flat_spec, strict=True):
+            t.set_shape(s.shape)
+        it = iter(leaves)
+        return map_structure(lambda _s, _p: next(it), spec)
+
+    epochs = tf.data.Dataset.from_tensors(np.int64(0)).map(start_epoch)
+    return epochs.flat_map(epoch_rows).map(
+        gather, num_parallel_calls=parallel, deterministic=True
+    )
 
 
 def _finish(

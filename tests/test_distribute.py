@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     import keras
     import keras_bigarray as kb
 
-    how, n, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    how, n, batch, source = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 
     class RowStat(keras.metrics.Metric):
         # The sum (or count) of the row ids trained on, summed over replicas.
@@ -42,6 +42,12 @@ SCRIPT = textwrap.dedent(
 
     x = np.repeat(np.arange(n, dtype="float32")[:, None], 4, axis=1)
     y = np.arange(n, dtype="float32")[:, None]
+    if source == "npy":  # gathered by tf.gather from the files' memory maps
+        import tempfile
+        folder = tempfile.mkdtemp()
+        np.save(os.path.join(folder, "x.npy"), x)
+        np.save(os.path.join(folder, "y.npy"), y)
+        x, y = os.path.join(folder, "x.npy"), os.path.join(folder, "y.npy")
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     ds = kb.BigArrayDataset(x, y, batch_size=batch, shuffle=True, seed=0)
     with strategy.scope():
@@ -61,12 +67,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("source", ["memory", "npy"])
 @pytest.mark.parametrize(
     "how,n,batch",
     [("dataset", 70, 16), ("to_tf_dataset", 70, 16), ("distribute_dataset", 64, 16)],
 )
-def test_mirrored_strategy_trains_every_row_once(how, n, batch):
-    result = run_tf_script(SCRIPT, how, str(n), str(batch))
+def test_mirrored_strategy_trains_every_row_once(how, n, batch, source):
+    result = run_tf_script(SCRIPT, how, str(n), str(batch), source)
     assert result["replicas"] == 2
     want = [n * (n - 1) // 2, n]
     for total, count in result["epochs"]:
