@@ -245,7 +245,7 @@ def case_pipeline(cfg: Config) -> CaseResult:
                 f"ours {m}, ds.to_tf_dataset()",
                 True,
                 tf_run(m),
-                "tf.data, autotuned parallel reads, iterated eagerly",
+                "tf.data, parallel reads (autotuner off), iterated eagerly",
                 f"OURS {m} TF.DATA",
             ),
         ]
