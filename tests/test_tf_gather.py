@@ -207,3 +207,19 @@ def test_gathering_copies_no_rows_and_leaves_the_file(tmp_path: Path):
     assert seen == rows
     assert peak.growth < 64 << 20, f"grew {peak.growth / 2**20:.0f} MiB"
     assert hashlib.sha256((tmp_path / "x.npy").read_bytes()).hexdigest() == digest
+
+
+def test_gathered_batches_prefetch_to_a_device(tmp_path: Path):
+    # The GPU path (prefetch_to_device) runs here on the CPU device.
+    np.save(tmp_path / "x.npy", indexed_rows(50, ROW, "float32"))
+    np.save(tmp_path / "y.npy", np.arange(50))
+    ds = kb.BigArrayDataset(
+        str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), batch_size=8, seed=4
+    )
+    assert mapped(ds)
+    batches = list(ds.to_tf_dataset(device="/cpu:0"))
+    assert all("CPU:0" in bx.device for bx, _ in batches)
+    ids = np.concatenate([by.numpy() for _, by in batches])
+    assert sorted(ids.tolist()) == list(range(50))
+    for bx, by in batches:
+        np.testing.assert_array_equal(row_ids(bx.numpy()), by.numpy())
