@@ -495,12 +495,12 @@ class HDF5Array(BigArray):
         local = self._local
         if local.rows is not None:
             return gather_rows(local.rows, idx)
+        if local.items is None:  # not even one row: the file was cut short
+            raise OSError(f"{self._where()}: the file ends before its rows")
         if rows & (rows - 1) == 0:  # a power of two: a shift, not a division
             chunk = idx >> (rows.bit_length() - 1)
         else:
             chunk = idx // rows
-        if local.items is None:  # not even one row: the file was cut short
-            raise OSError(f"{self._where()}: the file ends before its rows")
         where = self._row_bases()[chunk]
         where += idx * width
         touch_row_heads(raw, where, width)
