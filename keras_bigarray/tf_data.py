@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from keras_bigarray import _keras_adapter
 from keras_bigarray.reading import flatten, map_structure
+from keras_bigarray.sampling import _CHUNK as _SAMPLER_CHUNK_ROWS
 
 if TYPE_CHECKING:
     from keras_bigarray.dataset import BigArrayDataset
@@ -38,6 +39,21 @@ def _native_order(a: np.ndarray) -> np.ndarray:
     # TensorFlow takes an array's bytes as they are: a big-endian one ('>f4',
     # as HDF5 and .npy files may store) would arrive as garbage.
     return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
+def _as_spec(leaves: list[Any], spec: Any) -> Any:
+    """Batch tensors in `flatten(spec)` order, shaped and nested as `spec`."""
+    for t, s in zip(leaves, flatten(spec), strict=True):
+        t.set_shape(s.shape)
+    it = iter(leaves)
+    return map_structure(lambda _s, _p: next(it), spec)
+
+
+def _claim_op(ds: BigArrayDataset) -> tf.Tensor:
+    """The next epoch of `ds`, claimed as an iteration starts."""
+    return tf.numpy_function(
+        lambda: np.int64(ds._claim_epoch()), [], tf.int64, stateful=True
+    )
 
 
 def element_spec(ds: BigArrayDataset) -> tuple[Any, ...]:
@@ -107,19 +123,13 @@ def to_tf_dataset(
     reader = ds.reader
     n = len(ds)
 
-    def claim() -> np.int64:
-        return np.int64(ds._claim_epoch())
-
     def read(epoch: np.int64, index: np.int64) -> list[np.ndarray]:
         batch = reader.read(int(epoch), int(index))
         return [_native_order(a) for a in flatten(batch[: len(spec)])]
 
     def read_op(epoch: tf.Tensor, index: tf.Tensor) -> Any:
         leaves = tf.numpy_function(read, [epoch, index], tout, name="bigarray_read")
-        for t, s in zip(leaves, flat_spec, strict=True):
-            t.set_shape(s.shape)
-        it = iter(leaves)
-        return map_structure(lambda _s, _p: next(it), spec)
+        return _as_spec(leaves, spec)
 
     parallel = num_parallel_reads or max(2, ds.workers)
     mapped = _mapped_tensors(ds, spec)
@@ -137,16 +147,10 @@ def to_tf_dataset(
         )
         return _finish(ds, batches, n, device)
 
-    epochs = tf.data.Dataset.from_tensors(np.int64(0)).map(
-        lambda _: tf.numpy_function(claim, [], tf.int64, stateful=True)
-    )
+    epochs = tf.data.Dataset.from_tensors(np.int64(0)).map(lambda _: _claim_op(ds))
     indices = epochs.flat_map(lambda e: tf.data.Dataset.range(n).map(lambda i: (e, i)))
     batches = indices.map(read_op, num_parallel_calls=parallel, deterministic=True)
     return _finish(ds, batches, n, device)
-
-
-# Batch row indices computed per Python call, a chunk of batches at a time.
-_INDEX_CHUNK_ROWS = 1 << 16
 
 
 def _mapped_tensors(ds: BigArrayDataset, spec: Any) -> list[Any] | None:
@@ -204,14 +208,10 @@ def _gathered(
     """
     sampler, reader = ds.sampler, ds.reader
     n, b = len(ds), ds.batch_size
-    per = max(1, _INDEX_CHUNK_ROWS // b)
-    flat_spec = flatten(spec)
+    per = max(1, _SAMPLER_CHUNK_ROWS // b)  # one sampler chunk a Python call
     touts = [t.dtype for t in tensors]
     full = _all_batches_full(ds)
     block = sampler.mode == "block"
-
-    def claim() -> np.int64:
-        return np.int64(ds._claim_epoch())
 
     def the_tensors() -> list[Any]:
         return tensors
@@ -231,7 +231,7 @@ def _gathered(
         return rows, lengths
 
     def start_epoch(_: Any) -> tuple[Any, ...]:
-        epoch = tf.numpy_function(claim, [], tf.int64, stateful=True)
+        epoch = _claim_op(ds)
         arrays = tf.py_function(the_tensors, [], touts)
         for a, t in zip(arrays, tensors, strict=True):
             a.set_shape(t.shape)
@@ -251,11 +251,7 @@ def _gathered(
 
     def gather(rows: Any, length: Any, arrays: Any) -> Any:
         idx = rows if full else rows[:length]
-        leaves = [tf.gather(a, idx) for a in arrays]
-        for t, s in zip(leaves, flat_spec, strict=True):
-            t.set_shape(s.shape)
-        it = iter(leaves)
-        return map_structure(lambda _s, _p: next(it), spec)
+        return _as_spec([tf.gather(a, idx) for a in arrays], spec)
 
     epochs = tf.data.Dataset.from_tensors(np.int64(0)).map(start_epoch)
     return epochs.flat_map(epoch_rows).map(

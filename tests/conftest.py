@@ -13,6 +13,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 SOURCE_KINDS = [
     "npy",
@@ -26,6 +27,16 @@ SOURCE_KINDS = [
     "h5py_dataset",
     "zarr",
 ]
+
+
+def fixture_settings(max_examples: int) -> settings:
+    """Hypothesis settings for tests that also take pytest fixture (`tmp_path`):
+    no deadline (file I/O), and the fixture kept across examples on purpose."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
 
 
 def indexed_rows(

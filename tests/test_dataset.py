@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import indexed_rows, make_source, open_kind, row_ids
-from hypothesis import HealthCheck, given, settings
+from conftest import fixture_settings, indexed_rows, make_source, open_kind, row_ids
+from hypothesis import given
 from hypothesis import strategies as st
 
 import keras_bigarray as kb
@@ -66,11 +66,7 @@ def test_every_row_once_for_every_source_kind(tmp_path, source_kind, shuffle):
 
 
 @pytest.mark.parametrize("kind", ["npy", "h5_gzip", "shards"])
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@fixture_settings(25)
 @given(
     n=st.integers(1, 120),
     batch_size=st.integers(1, 40),

@@ -11,8 +11,8 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import indexed_rows, open_kind, row_ids
-from hypothesis import HealthCheck, given, settings
+from conftest import fixture_settings, indexed_rows, open_kind, row_ids
+from hypothesis import given
 from hypothesis import strategies as st
 
 import keras_bigarray as kb
@@ -89,11 +89,7 @@ def test_direct_batches_equal_the_mapped_ones(tmp_path, monkeypatch, kind):
     np.testing.assert_array_equal(ids, np.concatenate([b[1] for b in got]))
 
 
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@fixture_settings(25)
 @given(
     n=st.integers(1, 600),
     row=st.sampled_from([(1,), (3,), (7,), (256,), (1023,), (2, 3)]),

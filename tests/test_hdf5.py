@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import indexed_rows
-from hypothesis import HealthCheck, given, settings
+from conftest import fixture_settings, indexed_rows
+from hypothesis import given
 from hypothesis import strategies as st
 
 import keras_bigarray as kb
@@ -46,11 +46,7 @@ LAYOUTS: dict[str, tuple[dict[str, Any], str]] = {
     "split_rows_gzip": ({"chunks": (3, 1), "compression": "gzip"}, "h5py"),
 }
 
-HYPO = settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+HYPO = fixture_settings(40)
 
 
 def assert_same(got: Any, expected: np.ndarray) -> None:

@@ -15,8 +15,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SOURCE_KINDS, indexed_rows, make_source, open_kind, row_ids
-from hypothesis import HealthCheck, given, settings
+from conftest import (
+    SOURCE_KINDS,
+    fixture_settings,
+    indexed_rows,
+    make_source,
+    open_kind,
+    row_ids,
+)
+from hypothesis import given
 from hypothesis import strategies as st
 
 import keras_bigarray as kb
@@ -27,11 +34,7 @@ N = 34  # leaves a partial batch of 16, and a zero-length shard in "shards"
 # Kinds that name a file (or files): their pickle carries a path, never data.
 PATH_KINDS = [k for k in SOURCE_KINDS if k not in ("ndarray", "zarr")]
 
-HYPO = settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+HYPO = fixture_settings(40)
 
 
 def tree_digest(root: Path) -> str:

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import indexed_rows, row_ids
-from hypothesis import HealthCheck, assume, given, settings
+from conftest import fixture_settings, indexed_rows, row_ids
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import keras_bigarray as kb
@@ -60,11 +60,7 @@ def assert_reads_like_the_reader(ds: kb.BigArrayDataset, epochs: int = 2) -> Non
 
 
 @pytest.mark.filterwarnings("ignore:.*rows are left out")
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@fixture_settings(25)
 @given(
     kind=st.sampled_from(["npy", "raw", "h5"]),
     n=st.integers(1, 90),
