@@ -183,12 +183,27 @@ class RowWindow:
         self.firsts = firsts  # where each range's first row is in `view`
         self.lease = lease  # while held, the buffer under `view` is not reused
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        """Where each of `rows` (inside the ranges) is in `view`."""
         k = np.searchsorted(self.starts, rows, side="right") - 1
-        at = rows - self.starts[k] + self.firsts[k]
+        return rows - self.starts[k] + self.firsts[k]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        at = self.positions(rows)
         w = self.view.strides[0]  # the bytes of one row
         touch_row_heads(self.view, at * w, w)
         return np.take(self.view, at, axis=0)
+
+    def held_view(self) -> np.ndarray:
+        """`view`, holding the buffer's lease for as long as it lives: as
+        long as a tensor over it (through DLPack) does."""
+        held = self.view.view(_HeldView)
+        held.lease = self.lease
+        return held
+
+
+class _HeldView(np.ndarray):
+    lease: Any = None
 
 
 def _merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

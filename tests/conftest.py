@@ -144,3 +144,23 @@ def open_kind(kind: str, tmp_path: Path, data: np.ndarray, name: str = "x"):
 @pytest.fixture(params=SOURCE_KINDS)
 def source_kind(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def assert_reads_like_the_reader(ds: Any, epochs: int = 2) -> None:
+    """Every batch of `epochs` iterations equals `reader.read` of that epoch."""
+    import tensorflow as tf
+
+    from keras_bigarray import tf_data
+
+    tfds = ds.to_tf_dataset()
+    ref = ds.replace()  # the same seed: the same epochs
+    for e in range(epochs):
+        got = list(tfds)
+        assert len(got) == len(ds)
+        for i, batch in enumerate(got):
+            want = tf_data.flatten(ref.reader.read(e, i)[: len(batch)])
+            leaves = tf_data.flatten(tuple(batch))
+            assert len(leaves) == len(want)
+            for g, w in zip(leaves, want, strict=True):
+                assert g.dtype == tf.as_dtype(w.dtype.newbyteorder("="))
+                np.testing.assert_array_equal(g.numpy(), w)

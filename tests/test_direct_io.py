@@ -11,8 +11,14 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import fixture_settings, indexed_rows, open_kind, row_ids
-from hypothesis import given
+from conftest import (
+    assert_reads_like_the_reader,
+    fixture_settings,
+    indexed_rows,
+    open_kind,
+    row_ids,
+)
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import keras_bigarray as kb
@@ -246,3 +252,111 @@ def test_window_buffers_are_reused_only_once_released(tmp_path):
     again = x.read_window(ranges[5])
     assert again.view.ctypes.data == ptr  # the released buffer, reused
     assert len(sources._POOL) <= sources._POOL_KEEP
+
+
+# ---- the tf.data path: a tf.gather from each window --------------------------------
+
+
+def _windowed(ds) -> bool:
+    from keras_bigarray import tf_data
+
+    spec = tf_data.element_spec(ds)
+    return tf_data._windowed(ds, spec, 2) is not None
+
+
+@pytest.mark.filterwarnings("ignore:.*rows are left out")
+@fixture_settings(20)
+@given(
+    kind=st.sampled_from(["npy", "raw"]),
+    n=st.integers(1, 120),
+    batch_size=st.integers(1, 40),
+    block_rows=st.integers(1, 25),
+    window=st.integers(1, 4),
+    start=st.integers(0, 5),
+    shards=st.integers(1, 3),
+    drop_remainder=st.booleans(),
+    parts=st.sampled_from(["x", "xy", "xy-direct", "xyw", "dict"]),
+)
+def test_tf_batches_gathered_from_windows_are_the_readers(
+    tmp_path_factory,
+    kind,
+    n,
+    batch_size,
+    block_rows,
+    window,
+    start,
+    shards,
+    drop_remainder,
+    parts,
+):
+    pytest.importorskip("tensorflow")
+    d = tmp_path_factory.mktemp("w")
+    x = open_kind(kind, d, indexed_rows(n, (5,)))
+    x.direct_io = True
+    y = open_kind("npy", d, np.arange(n, dtype=np.int64), name="y")
+    y.direct_io = parts == "xy-direct"
+    w = open_kind("npy", d, np.linspace(0, 1, n, dtype=np.float32), name="w")
+    kw = {}
+    if parts.startswith("xy"):
+        kw["y"] = y
+    if parts == "xyw":
+        kw["sample_weight"] = w
+    try:
+        ds = kb.BigArrayDataset(
+            {"a": x, "b": y} if parts == "dict" else x,
+            shuffle="block",
+            batch_size=batch_size,
+            block_rows=block_rows,
+            shuffle_window=window,
+            seed=3,
+            rows=slice(min(start, n - 1), n),
+            num_shards=shards,
+            shard_index=shards - 1,
+            drop_remainder=drop_remainder,
+            **kw,
+        )
+    except ValueError as e:  # a shard with no batch at all
+        assume("no batches" not in str(e))
+        raise
+    assert _windowed(ds)
+    assert_reads_like_the_reader(ds)
+
+
+def test_tf_windows_fall_back_where_they_cannot_apply(tmp_path):
+    pytest.importorskip("tensorflow")
+    data = indexed_rows(300, (4,))
+    (tmp_path / "odd.raw").write_bytes(b"head" + data.tobytes())
+    odd = kb.open_array(tmp_path / "odd.raw", dtype="float32", shape=(-1, 4), offset=4)
+    shards = open_kind("shards", tmp_path, data)
+    for x in (odd, shards):  # not 64-byte aligned; not one file
+        x.direct_io = True
+        ds = kb.BigArrayDataset(x, shuffle="block", batch_size=16, block_rows=10)
+        assert ds.reader._direct_sources() and not _windowed(ds)
+        assert_reads_like_the_reader(ds, epochs=1)
+
+
+def test_tf_windows_read_rows_where_direct_io_stops(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow")
+    ds = _direct_dataset(tmp_path, 500, batch_size=16, seed=2)
+    want = [ds.reader.read(0, i) for i in range(len(ds))]
+    assert _windowed(ds)
+    monkeypatch.setattr(sources, "read_direct", lambda *a, **k: None)
+    ds = ds.replace()  # fresh windows: each read now refused
+    got = list(ds.to_tf_dataset())
+    _same([tuple(t.numpy() for t in b) for b in got], want)
+
+
+def test_a_tensor_over_a_window_keeps_its_buffer(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    data = indexed_rows(2000, (64,))
+    x = open_kind("npy", tmp_path, data)
+    window = x.read_window([(100, 150)])
+    tensor = tf.experimental.dlpack.from_dlpack(window.held_view().__dlpack__())
+    ptr = window.view.ctypes.data
+    at = window.positions(np.arange(100, 150))
+    del window  # only the tensor holds the buffer now
+    for a in range(0, 1900, 100):  # dropped at once: free buffers are reused
+        assert x.read_window([(a, a + 50)]).view.ctypes.data != ptr
+    np.testing.assert_array_equal(tensor.numpy()[at], data[100:150])
+    del tensor
+    assert x.read_window([(0, 50)]).view.ctypes.data == ptr

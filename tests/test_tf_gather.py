@@ -12,7 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import fixture_settings, indexed_rows, row_ids
+from conftest import (
+    assert_reads_like_the_reader,
+    fixture_settings,
+    indexed_rows,
+    row_ids,
+)
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -28,6 +33,8 @@ ROW = (4,)
 
 def write_kind(kind: str, path: Path, data: np.ndarray) -> Any:
     """`data` saved as `kind` at `path`; the `open_array` of it."""
+    if kind == "memory":
+        return kb.open_array(data)
     if kind == "npy":
         np.save(path, data)
         return kb.open_array(path)
@@ -43,26 +50,10 @@ def mapped(ds: kb.BigArrayDataset) -> bool:
     return tf_data._mapped_tensors(ds, tf_data.element_spec(ds)) is not None
 
 
-def assert_reads_like_the_reader(ds: kb.BigArrayDataset, epochs: int = 2) -> None:
-    """Every batch of `epochs` iterations equals `reader.read` of that epoch."""
-    tfds = ds.to_tf_dataset()
-    ref = ds.replace()  # the same seed: the same epochs
-    for e in range(epochs):
-        got = list(tfds)
-        assert len(got) == len(ds)
-        for i, batch in enumerate(got):
-            want = tf_data.flatten(ref.reader.read(e, i)[: len(batch)])
-            leaves = tf_data.flatten(tuple(batch))
-            assert len(leaves) == len(want)
-            for g, w in zip(leaves, want, strict=True):
-                assert g.dtype == tf.as_dtype(w.dtype.newbyteorder("="))
-                np.testing.assert_array_equal(g.numpy(), w)
-
-
 @pytest.mark.filterwarnings("ignore:.*rows are left out")
 @fixture_settings(25)
 @given(
-    kind=st.sampled_from(["npy", "raw", "h5"]),
+    kind=st.sampled_from(["npy", "raw", "h5", "memory"]),
     n=st.integers(1, 90),
     batch_size=st.integers(1, 32),
     shuffle=st.sampled_from([False, "global", "block"]),
@@ -147,8 +138,7 @@ def fallback(tmp_path: Path, case: str) -> kb.BigArrayDataset:
         x.direct_io = True
         return kb.BigArrayDataset(x, batch_size=6, shuffle="block")
     return {
-        "in memory": lambda: make(data),
-        "one array in memory": lambda: make(npy, y=np.arange(40)),
+        "strided in memory": lambda: make(np.repeat(data, 2, axis=1)[:, ::2]),
         "padded": lambda: make(npy, pad_remainder=True),
         "processes": lambda: make(npy, workers=2, use_multiprocessing=True),
     }[case]()
@@ -157,8 +147,7 @@ def fallback(tmp_path: Path, case: str) -> kb.BigArrayDataset:
 @pytest.mark.parametrize(
     "case",
     [
-        "in memory",
-        "one array in memory",
+        "strided in memory",
         "padded",
         "processes",
         "fortran",
@@ -166,7 +155,7 @@ def fallback(tmp_path: Path, case: str) -> kb.BigArrayDataset:
         "misaligned",
         "gzip",
         "big-endian",
-        "direct I/O",
+        "direct I/O",  # its own tf.gather from each window: test_direct_io
     ],
 )
 def test_reads_per_batch_where_rows_cannot_be_mapped(tmp_path: Path, case: str):
@@ -176,6 +165,15 @@ def test_reads_per_batch_where_rows_cannot_be_mapped(tmp_path: Path, case: str):
         ids = np.concatenate([row_ids(b[0].numpy()) for b in ds.to_tf_dataset()])
         assert sorted(ids.tolist()) == list(range(40))
     else:
+        assert_reads_like_the_reader(ds)
+
+
+def test_arrays_in_memory_are_gathered_too(tmp_path: Path):
+    data = indexed_rows(40, ROW, "float32")
+    np.save(tmp_path / "x.npy", data)
+    for x, y in ((data, None), (str(tmp_path / "x.npy"), np.arange(40))):
+        ds = kb.BigArrayDataset(x, y, batch_size=6, shuffle=True, seed=1)
+        assert mapped(ds)
         assert_reads_like_the_reader(ds)
 
 
