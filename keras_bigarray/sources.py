@@ -274,38 +274,81 @@ def read_direct(
     of `path`, read with O_DIRECT into one buffer (the page cache neither
     filled nor consulted; Linux first writes back any dirty cached pages of
     the file, so the bytes are current). None where the OS or the file system
-    has no direct I/O.
+    has no direct I/O. See `read_direct_files`."""
+    return read_direct_files([(path, offset, 0, ranges)], dtype, row_shape)
 
-    Each range is read from the aligned bytes around it, and placed so that
-    every row in the buffer sits at a whole number of rows from one origin:
-    ranges are `lcm(alignment, row bytes)`-congruent to their file offsets.
+
+def direct_origin(offsets: Sequence[int], row_nbytes: int) -> int | None:
+    """The byte of a direct-I/O buffer where row "0" would start when rows
+    of files whose rows start at `offsets` share it; None where they cannot
+    (each row must sit a whole number of rows from one origin, and each read
+    start on an aligned byte: offsets must agree modulo gcd(alignment, row
+    bytes))."""
+    g = math.gcd(_DIRECT_ALIGN, row_nbytes) if row_nbytes else _DIRECT_ALIGN
+    if len({o % g for o in offsets}) > 1:
+        return None
+    return offsets[0] % _DIRECT_ALIGN if offsets else 0
+
+
+def read_direct_files(
+    files: Sequence[tuple[str, int, int, Iterable[tuple[int, int]]]],
+    dtype: np.dtype,
+    row_shape: tuple[int, ...],
+) -> RowWindow | None:
+    """Rows of several files' C-order arrays of one dtype and row shape, read
+    with O_DIRECT into one buffer, as one `RowWindow`. Each file is `(path,
+    byte offset of its row 0, that row's number in the window, row ranges
+    [a, b) of the file)`, in ascending window numbering. None where the OS
+    or the file system has no direct I/O.
+
+    Each range is read from the aligned bytes around it, and placed on an
+    aligned byte of the buffer such that every row sits at a whole number of
+    rows from one origin (`direct_origin`, which must exist).
     """
     flag = getattr(os, "O_DIRECT", 0)
-    merged = _merge_ranges(ranges)
+    merged = [(path, off, first, _merge_ranges(r)) for path, off, first, r in files]
+    merged = [m for m in merged if m[3]]
     if not flag or not merged:
         return None
     w = math.prod(row_shape) * dtype.itemsize
     A = _DIRECT_ALIGN
-    period = math.lcm(A, w)
-    origin = offset % A  # byte of the buffer where row "0" would start
-    plan, cursor = [], 0
-    for a, b in merged:
-        start, end = offset + a * w, offset + b * w
-        a0, a1 = start - start % A, -(-end // A) * A
-        base = cursor + (a0 - (offset - origin) - cursor) % period
-        if base + start - a0 < origin:  # the row before the view's first
-            base += period
-        plan.append((a0, end, base))
-        cursor = base + a1 - a0
+    origin = direct_origin([off for _, off, _, _ in merged], w)
+    if origin is None or w == 0:
+        raise ValueError("these files' rows cannot share one direct-I/O buffer")
+    g = math.gcd(A, w)
+    step = pow(A // g, -1, w // g) if w // g > 1 else 0
+    plan: list[tuple[str, int, int, int]] = []  # (path, a0, end, base)
+    starts, firsts = [], []
+    cursor = 0
+    for path, offset, first, ranges in merged:
+        for a, b in ranges:
+            start, end = offset + a * w, offset + b * w
+            a0 = start - start % A
+            # base: aligned (A | base), with the range's first row a whole
+            # number of rows from the origin (w | base + start - a0 - origin).
+            r = (origin - (start - a0)) % w
+            j = (r // g) * step % (w // g)  # A*j = r (mod w)
+            lo = -(-cursor // A)  # in units of A, at or past the cursor
+            j += -(-(lo - j) // (w // g)) * (w // g) if j < lo else 0
+            base = j * A
+            if base + start - a0 < origin:  # the row before the view's first
+                base += A * (w // g)
+            plan.append((path, a0, end, base))
+            starts.append(first + a)
+            firsts.append((base + start - a0 - origin) // w)
+            cursor = base + -(-(end - a0) // A) * A
     buf, lease = _window_buffer(cursor)
+    fds: dict[str, int] = {}
     try:
-        fd = os.open(path, os.O_RDONLY | flag)
-    except OSError as e:
-        if e.errno == errno.EINVAL:  # this file system has no O_DIRECT
-            return None
-        raise OSError(f"cannot open '{path}' for reading: {e}") from e
-    try:
-        for a0, end, base in plan:
+        for path, a0, end, base in plan:
+            fd = fds.get(path)
+            if fd is None:
+                try:
+                    fd = fds[path] = os.open(path, os.O_RDONLY | flag)
+                except OSError as e:
+                    if e.errno == errno.EINVAL:  # this file system has no O_DIRECT
+                        return None
+                    raise OSError(f"cannot open '{path}' for reading: {e}") from e
             done, need = 0, end - a0
             while done < need:
                 piece = memoryview(buf)[base + done : base + -(-need // A) * A]
@@ -322,19 +365,14 @@ def read_direct(
                     )
                 done += got
     finally:
-        os.close(fd)
+        for fd in fds.values():
+            os.close(fd)
     view = np.ndarray(
         ((cursor - origin) // w, *row_shape), dtype=dtype, buffer=buf, offset=origin
     )
-    starts = np.array([a for a, _ in merged], dtype=np.int64)
-    firsts = np.array(
-        [
-            (base + offset + a * w - a0 - origin) // w
-            for (a, _), (a0, _, base) in zip(merged, plan, strict=True)
-        ],
-        dtype=np.int64,
+    return RowWindow(
+        view, np.array(starts, dtype=np.int64), np.array(firsts, dtype=np.int64), lease
     )
-    return RowWindow(view, starts, firsts, lease)
 
 
 def _check_dtype(dtype: np.dtype, what: str) -> np.dtype:
@@ -480,6 +518,12 @@ class BigArray(abc.ABC):
         del ranges
         return None
 
+    def window_origin(self) -> int | None:
+        """Where `read_window` gives one `RowWindow` over one buffer: the
+        byte of that buffer (aligned for direct I/O) where row "0" would
+        start; else None."""
+        return None
+
     def file_rows(self) -> tuple[str, int] | None:
         """`(path, byte offset)` where every row lies in one file, one after
         another in C order from that offset, as numpy would lay out the
@@ -617,6 +661,11 @@ class _MemmapArray(BigArray):
         if got is None:
             self._no_direct = True  # the file system refused O_DIRECT
         return got
+
+    def window_origin(self) -> int | None:
+        if not self.direct_capable or self.fortran_order:
+            return None
+        return direct_origin([self.offset], self.row_nbytes)
 
     def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
         # One C loop over the rows; for page-cache-resident data this is the
@@ -874,7 +923,45 @@ class ShardedArray(BigArray):
     def direct_capable(self) -> bool:
         return all(p.direct_capable for p in self.parts if len(p))
 
+    def _files(self) -> list[tuple[str, int]] | None:
+        """`(path, offset)` of each shard's rows, where every shard with rows
+        holds them one after another in a file."""
+        files = []
+        for p in self.parts:
+            where = p.file_rows() if len(p) else ("", 0)
+            if where is None:
+                return None
+            files.append(where)
+        return files
+
+    def window_origin(self) -> int | None:
+        files = self._files()
+        if files is None or not self.direct_capable:
+            return None
+        offsets = [
+            off for (path, off), p in zip(files, self.parts, strict=True) if len(p)
+        ]
+        return direct_origin(offsets, self.row_nbytes)
+
     def read_window(self, ranges: Sequence[tuple[int, int]]) -> Any:
+        if self.window_origin() is not None:
+            # One buffer for every shard's blocks: one RowWindow, which the
+            # tf.data path can hand to TensorFlow whole.
+            files = self._files()
+            assert files is not None
+            bounds = self.bounds.tolist()
+            got = read_direct_files(
+                [
+                    (*files[k], bounds[k], mine)
+                    for k, _, mine in self._split_ranges(ranges)
+                ],
+                self.dtype,
+                self.shape[1:],
+            )
+            if got is None:  # the file system refused O_DIRECT
+                for p in self.parts:
+                    p._no_direct = True
+            return got
         parts: list[tuple[int, Any]] = []
         for k, part, mine in self._split_ranges(ranges):
             got = part.read_window(mine)

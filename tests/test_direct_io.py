@@ -69,13 +69,13 @@ def _direct_dataset(tmp_path, n: int, **kw):
 
 def _count_windows(monkeypatch):
     calls = []
-    real = sources.read_direct
+    real = sources.read_direct_files
 
     def counted(*a, **k):
         calls.append(a[0])
         return real(*a, **k)
 
-    monkeypatch.setattr(sources, "read_direct", counted)
+    monkeypatch.setattr(sources, "read_direct_files", counted)
     return calls
 
 
@@ -267,7 +267,7 @@ def _windowed(ds) -> bool:
 @pytest.mark.filterwarnings("ignore:.*rows are left out")
 @fixture_settings(20)
 @given(
-    kind=st.sampled_from(["npy", "raw"]),
+    kind=st.sampled_from(["npy", "raw", "shards"]),
     n=st.integers(1, 120),
     batch_size=st.integers(1, 40),
     block_rows=st.integers(1, 25),
@@ -322,13 +322,24 @@ def test_tf_batches_gathered_from_windows_are_the_readers(
     assert_reads_like_the_reader(ds)
 
 
+def _odd_raw(tmp_path, data, name="odd.raw", head=b"head"):
+    (tmp_path / name).write_bytes(head + data.tobytes())
+    shape = (-1, *data.shape[1:])
+    return kb.open_array(
+        tmp_path / name, dtype=data.dtype, shape=shape, offset=len(head)
+    )
+
+
 def test_tf_windows_fall_back_where_they_cannot_apply(tmp_path):
     pytest.importorskip("tensorflow")
     data = indexed_rows(300, (4,))
-    (tmp_path / "odd.raw").write_bytes(b"head" + data.tobytes())
-    odd = kb.open_array(tmp_path / "odd.raw", dtype="float32", shape=(-1, 4), offset=4)
-    shards = open_kind("shards", tmp_path, data)
-    for x in (odd, shards):  # not 64-byte aligned; not one file
+    odd = _odd_raw(tmp_path, data)
+    np.save(tmp_path / "even.npy", data[:100])
+    mixed = sources.ShardedArray(  # rows 128 and 4 bytes in: no common origin
+        [kb.open_array(tmp_path / "even.npy"), _odd_raw(tmp_path, data[100:], "b.raw")]
+    )
+    assert mixed.window_origin() is None
+    for x in (odd, mixed):  # not 64-byte aligned; no one buffer
         x.direct_io = True
         ds = kb.BigArrayDataset(x, shuffle="block", batch_size=16, block_rows=10)
         assert ds.reader._direct_sources() and not _windowed(ds)
@@ -340,7 +351,7 @@ def test_tf_windows_read_rows_where_direct_io_stops(tmp_path, monkeypatch):
     ds = _direct_dataset(tmp_path, 500, batch_size=16, seed=2)
     want = [ds.reader.read(0, i) for i in range(len(ds))]
     assert _windowed(ds)
-    monkeypatch.setattr(sources, "read_direct", lambda *a, **k: None)
+    monkeypatch.setattr(sources, "read_direct_files", lambda *a, **k: None)
     ds = ds.replace()  # fresh windows: each read now refused
     got = list(ds.to_tf_dataset())
     _same([tuple(t.numpy() for t in b) for b in got], want)
@@ -360,3 +371,24 @@ def test_a_tensor_over_a_window_keeps_its_buffer(tmp_path):
     np.testing.assert_array_equal(tensor.numpy()[at], data[100:150])
     del tensor
     assert x.read_window([(0, 50)]).view.ctypes.data == ptr
+
+
+@pytest.mark.parametrize("row", [(4,), (5,), (256,), (1,)])
+def test_shards_share_one_window_buffer_whatever_their_headers(tmp_path, row):
+    # .npy shards (128-byte headers) and a raw one 4224 bytes in: the rows of all
+    # sit a whole number of rows from one origin of one buffer.
+    data = indexed_rows(700, row)
+    np.save(tmp_path / "a.npy", data[:250])
+    parts = [
+        kb.open_array(tmp_path / "a.npy"),
+        _odd_raw(tmp_path, data[250:480], "b.raw", b"h" * 4224),
+    ]
+    np.save(tmp_path / "c.npy", data[480:])
+    parts.append(kb.open_array(tmp_path / "c.npy"))
+    x = sources.ShardedArray(parts)
+    assert x.window_origin() is not None
+    ranges = [(0, 3), (240, 262), (470, 490), (600, 700), (100, 101)]
+    window = x.read_window(ranges)
+    assert isinstance(window, sources.RowWindow)
+    rows = np.concatenate([np.arange(a, b) for a, b in sorted(ranges)])
+    np.testing.assert_array_equal(window.take(rows), data[rows])
