@@ -19,8 +19,11 @@ import numpy as np
 from keras_bigarray.sources import (
     BigArray,
     DuckArray,
+    RowWindow,
     _check_dtype,
+    direct_origin,
     gather_rows,
+    read_direct,
     touch_row_heads,
     will_need,
 )
@@ -425,6 +428,29 @@ class HDF5Array(BigArray):
         if self._local.rows is None:
             return None
         return self.path, int(self._plan().offsets[0])
+
+    # Direct I/O for block shuffle over a dataset larger than memory, where its
+    # rows lie one after another in the file (`file_rows`), as for a `.npy`.
+    @property
+    def direct_capable(self) -> bool:
+        return (
+            hasattr(os, "O_DIRECT")
+            and not self.__dict__.get("_no_direct", False)
+            and self.file_rows() is not None
+        )
+
+    def read_window(self, ranges: Sequence[tuple[int, int]]) -> RowWindow | None:
+        where = self.file_rows() if self.direct_capable else None
+        if where is None:
+            return None
+        got = read_direct(where[0], where[1], self.dtype, self.shape[1:], ranges)
+        if got is None:
+            self._no_direct = True  # the file system refused O_DIRECT
+        return got
+
+    def window_origin(self) -> int | None:
+        where = self.file_rows() if self.direct_capable else None
+        return None if where is None else direct_origin([where[1]], self.row_nbytes)
 
     def _row_bases(self) -> np.ndarray:
         """Per chunk c, where row 0 would lie if chunk c held it: row i of chunk

@@ -492,8 +492,9 @@ class BigArray(abc.ABC):
         del ranges  # a hint: sources that cannot act on it ignore it
 
     # Whether block shuffle reads each window's blocks with direct I/O (see
-    # `read_direct`), where the format allows it (`.npy`, raw files and folders
-    # of them): None (the default) when the array is larger than the memory
+    # `read_direct`), where the format allows it (`.npy`, raw files, folders
+    # of them, HDF5 datasets stored contiguous or with their chunks back to
+    # back): None (the default) when the array is larger than the memory
     # available as reading starts, True always, False never (`x.direct_io =
     # False`).
     direct_io: bool | None = None

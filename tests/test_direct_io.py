@@ -79,7 +79,7 @@ def _count_windows(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("kind", ["npy", "raw", "shards"])
+@pytest.mark.parametrize("kind", ["npy", "raw", "shards", "h5_contiguous"])
 def test_direct_batches_equal_the_mapped_ones(tmp_path, monkeypatch, kind):
     n = 1000
     x = open_kind(kind, tmp_path, indexed_rows(n, (5,), "float64"))
@@ -145,7 +145,7 @@ def test_direct_io_is_chosen_by_size_and_can_be_forced_or_refused(tmp_path):
     assert x.reads_direct(available=10 * x.nbytes)
     x.direct_io = False
     assert not x.reads_direct(available=0)
-    h5 = open_kind("h5_chunked", tmp_path, indexed_rows(100, (4,)), name="h")
+    h5 = open_kind("h5_gzip", tmp_path, indexed_rows(100, (4,)), name="h")
     for other in (kb.open_array(np.zeros((100, 4))), h5):
         other.direct_io = True
         assert not other.reads_direct(available=0)  # no file bytes to read directly
@@ -153,6 +153,17 @@ def test_direct_io_is_chosen_by_size_and_can_be_forced_or_refused(tmp_path):
     with pytest.warns(UserWarning, match="Fortran"):
         f = kb.open_array(str(tmp_path / "f.npy"))
     assert not f.direct_capable  # Fortran order: rows are scattered
+
+
+@pytest.mark.parametrize("kind", ["h5_gzip", "ndarray", "zarr"])
+def test_sources_without_rows_in_one_file_read_no_windows(tmp_path, kind):
+    if kind == "zarr":
+        pytest.importorskip("zarr")
+    x = open_kind(kind, tmp_path, indexed_rows(100, (4,)))
+    x.direct_io = True
+    assert not x.direct_capable and x.window_origin() is None
+    ds = kb.BigArrayDataset(x, batch_size=16, shuffle="block", block_rows=10)
+    assert ds.reader._direct_sources() == {}
 
 
 def test_other_shuffles_and_small_labels_stay_mapped(tmp_path):
@@ -267,7 +278,7 @@ def _windowed(ds) -> bool:
 @pytest.mark.filterwarnings("ignore:.*rows are left out")
 @fixture_settings(20)
 @given(
-    kind=st.sampled_from(["npy", "raw", "shards"]),
+    kind=st.sampled_from(["npy", "raw", "shards", "h5_contiguous"]),
     n=st.integers(1, 120),
     batch_size=st.integers(1, 40),
     block_rows=st.integers(1, 25),
