@@ -1,5 +1,6 @@
 """tf.distribute: MirroredStrategy over two logical CPU devices, fed by the dataset
-itself, by to_tf_dataset() and by distribute_dataset(); every row trained once an
+itself, by to_tf_dataset() and by distribute_dataset(), from memory, .npy files and
+direct-I/O windows; every row trained once an
 epoch. TensorFlow fixes its devices at start-up, so each case runs in a
 subprocess."""
 
@@ -42,14 +43,19 @@ SCRIPT = textwrap.dedent(
 
     x = np.repeat(np.arange(n, dtype="float32")[:, None], 4, axis=1)
     y = np.arange(n, dtype="float32")[:, None]
-    if source == "npy":  # gathered by tf.gather from the files' memory maps
+    shuffle = True
+    if source != "memory":  # gathered by tf.gather from the files' memory maps
         import tempfile
         folder = tempfile.mkdtemp()
         np.save(os.path.join(folder, "x.npy"), x)
         np.save(os.path.join(folder, "y.npy"), y)
         x, y = os.path.join(folder, "x.npy"), os.path.join(folder, "y.npy")
+    if source == "npy-direct":  # from each direct-I/O window's buffer
+        x = kb.open_array(x)
+        x.direct_io = True
+        shuffle = "block"
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    ds = kb.BigArrayDataset(x, y, batch_size=batch, shuffle=True, seed=0)
+    ds = kb.BigArrayDataset(x, y, batch_size=batch, shuffle=shuffle, seed=0)
     with strategy.scope():
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
         model.compile("sgd", "mse", metrics=[RowStat("sum"), RowStat("count")])
@@ -62,12 +68,19 @@ SCRIPT = textwrap.dedent(
     h = hist.history
     out = [[round(float(np.asarray(s))), round(float(np.asarray(c)))]
            for s, c in zip(h["sum"], h["count"])]
-    print(json.dumps({"replicas": strategy.num_replicas_in_sync, "epochs": out}))
+    from keras_bigarray import tf_data
+    spec = tf_data.element_spec(ds)
+    if source == "npy-direct":
+        took = tf_data._windowed(ds, spec, 2) is not None
+    else:
+        took = tf_data._mapped_tensors(ds, spec) is not None
+    print(json.dumps({"replicas": strategy.num_replicas_in_sync, "epochs": out,
+                      "gathered": took}))
     """
 )
 
 
-@pytest.mark.parametrize("source", ["memory", "npy"])
+@pytest.mark.parametrize("source", ["memory", "npy", "npy-direct"])
 @pytest.mark.parametrize(
     "how,n,batch",
     [("dataset", 70, 16), ("to_tf_dataset", 70, 16), ("distribute_dataset", 64, 16)],
@@ -75,6 +88,7 @@ SCRIPT = textwrap.dedent(
 def test_mirrored_strategy_trains_every_row_once(how, n, batch, source):
     result = run_tf_script(SCRIPT, how, str(n), str(batch), source)
     assert result["replicas"] == 2
+    assert result["gathered"]  # the tf.gather path this source is for
     want = [n * (n - 1) // 2, n]
     for total, count in result["epochs"]:
         assert [total, count] == want
