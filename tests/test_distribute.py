@@ -1,8 +1,7 @@
 """tf.distribute: MirroredStrategy over two logical CPU devices, fed by the dataset
 itself, by to_tf_dataset() and by distribute_dataset(), from memory, .npy files and
-direct-I/O windows; every row trained once an
-epoch. TensorFlow fixes its devices at start-up, so each case runs in a
-subprocess."""
+direct-I/O windows; every row trained once an epoch. TensorFlow fixes its devices
+at start-up, so each case runs in a subprocess."""
 
 from __future__ import annotations
 
