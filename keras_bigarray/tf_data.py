@@ -10,15 +10,16 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from keras_bigarray import _keras_adapter
+from keras_bigarray._rowmap import map_rows
 from keras_bigarray.reading import BatchReadError, flatten, map_structure
 from keras_bigarray.sampling import _CHUNK as _SAMPLER_CHUNK_ROWS
-from keras_bigarray.sources import MemoryArray, RowWindow
+from keras_bigarray.sources import MemoryArray, RowWindow, ShardedArray
 
 if TYPE_CHECKING:
     from keras_bigarray.dataset import BigArrayDataset
@@ -180,9 +181,10 @@ def to_tf_dataset(
     `num_parallel_reads` parallel calls (default: `max(2, ds.workers)`),
     delivered in order, at most `ds.max_queue_size` ahead: memory is bounded
     by the queue, whatever the size of the array. Where every array's rows lie
-    one after another in a file (`.npy`, raw, HDF5 stored so) or in memory, a
-    batch is a `tf.gather` of its rows from tensors over the files' memory
-    maps, with no Python call per batch (`_gathered`); block shuffle over
+    one after another in a file (`.npy`, raw, HDF5 stored so), in a folder of
+    such shards or in memory, a batch is a `tf.gather` of its rows from
+    tensors over the files' memory maps, with no Python call per batch
+    (`_gathered`); block shuffle over
     files read with direct I/O (larger than memory) gathers each batch from
     its window's buffer instead (`_windowed`); otherwise a
     `tf.numpy_function` reads it. All give the same batches. A dataset that is one of
@@ -246,12 +248,13 @@ def to_tf_dataset(
     return _finish(ds, batches, n, device)
 
 
-def _mapped_tensors(ds: BigArrayDataset, spec: Any) -> list[Any] | None:
+def _mapped_tensors(ds: BigArrayDataset, spec: Any) -> list[_Mapped] | None:
     """Every array of `ds` as a tensor over a memory map of its file, without a
     copy, for `_gathered`; None where that path does not apply.
 
     It applies where every array's rows lie one after another in a file
-    (`BigArray.file_rows`: `.npy`, raw, HDF5 stored so) or in memory (C order;
+    (`BigArray.file_rows`: `.npy`, raw, HDF5 stored so), or in files of a
+    folder of shards whose headers agree (`_rowmap.map_rows`), or in memory (C order;
     copied where not aligned, up to `_COPY_IN_MEMORY_BYTES`) at a 64-byte aligned
     address (TensorFlow aborts on less), in native byte order, in threads of
     this process, without padding, and not read with direct I/O (block
@@ -302,10 +305,48 @@ def _dlpack_tensor(a: np.ndarray, dtype: tf.DType) -> Any:
 _COPY_IN_MEMORY_BYTES = 64 << 20
 
 
-def _mapped_tensor(src: Any, leaf_spec: tf.TensorSpec) -> Any:
+class _Mapped(NamedTuple):
+    """A leaf's rows as one tensor (`_mapped_tensor`). For a folder of shards,
+    `bounds` (each shard's first row, then the end) and `delta` (added to a
+    row of shard k: where it is in `tensor`, `_rowmap.map_rows`)."""
+
+    tensor: Any
+    bounds: np.ndarray | None = None
+    delta: np.ndarray | None = None
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """Where the dataset's `rows` are in `tensor`."""
+        if self.bounds is None:
+            return rows
+        return rows + self.delta[np.searchsorted(self.bounds, rows, "right") - 1]
+
+
+def _mapped_tensor(src: Any, leaf_spec: tf.TensorSpec) -> _Mapped | None:
+    """`_mapped_rows` of `src`, or None (see `_mapped_tensors`)."""
+    if isinstance(src, ShardedArray):
+        files = src._files()
+        if files is None or not src.dtype.isnative:
+            return None
+        got = map_rows(
+            [(*f, len(p)) for f, p in zip(files, src.parts, strict=True)],
+            src.dtype,
+            src.shape[1:],
+        )
+        if got is None:
+            return None
+        array, shift = got
+        tensor = _dlpack_tensor(array, leaf_spec.dtype)
+        if tensor is None:
+            return None
+        return _Mapped(tensor, src.bounds.copy(), shift - src.bounds[:-1])
+    tensor = _mapped_rows(src, leaf_spec)
+    return None if tensor is None else _Mapped(tensor)
+
+
+def _mapped_rows(src: Any, leaf_spec: tf.TensorSpec) -> Any:
     """A tensor over a copy-on-write memory map of the rows of `src` or, for
     an array in memory, over the array itself (a copy if small and not
-    aligned); None where neither applies (see `_mapped_tensors`)."""
+    aligned); None where neither applies."""
     if isinstance(src, MemoryArray):
         a = src.array
         if not (a.flags.c_contiguous and a.dtype.isnative):
@@ -328,12 +369,12 @@ def _mapped_tensor(src: Any, leaf_spec: tf.TensorSpec) -> Any:
 
 
 def _gathered(
-    ds: BigArrayDataset, tensors: list[Any], spec: Any, parallel: int
+    ds: BigArrayDataset, mapped: list[_Mapped], spec: Any, parallel: int
 ) -> tf.data.Dataset:
-    """The batches of `ds` as `tf.gather` of each batch's rows from `tensors`
-    (`_mapped_tensors`): no Python call per batch, and no copy of the rows
-    but the batch itself. The rows are the sampler's, so every batch is the
-    one `reader.read` returns.
+    """The batches of `ds` as `tf.gather` of each batch's rows from the
+    tensors of `mapped` (`_mapped_tensors`): no Python call per batch, and no
+    copy of the rows but the batch itself. The rows are the sampler's, so
+    every batch is the one `reader.read` returns.
 
     The tensors reach the pipeline through a `py_function` once per epoch,
     never captured in its graph: a captured tensor would be copied whenever
@@ -343,7 +384,11 @@ def _gathered(
     sampler, reader = ds.sampler, ds.reader
     n, b = len(ds), ds.batch_size
     per = max(1, _SAMPLER_CHUNK_ROWS // b)  # one sampler chunk a Python call
+    tensors = [m.tensor for m in mapped]
     touts = [t.dtype for t in tensors]
+    # Index arrays: 0 is the dataset's rows; a folder of shards has its own.
+    moved = [i for i, m in enumerate(mapped) if m.bounds is not None]
+    slot = [1 + moved.index(i) if i in moved else 0 for i in range(len(mapped))]
     full = _all_batches_full(ds)
     block = sampler.mode == "block"
 
@@ -352,7 +397,7 @@ def _gathered(
         return tensors
 
     @_python_call
-    def indices(epoch: np.int64, chunk: np.int64) -> tuple[np.ndarray, np.ndarray]:
+    def indices(epoch: np.int64, chunk: np.int64) -> list[np.ndarray]:
         e, first = int(epoch), int(chunk) * per
         last = min(first + per, n)
         rows = np.zeros((last - first, b), dtype=np.int64)
@@ -364,7 +409,7 @@ def _gathered(
             rows[j, : got.size] = got
             lengths[j] = got.size
         rows += reader.row_offset
-        return rows, lengths
+        return [rows, *(mapped[i].rows(rows) for i in moved), lengths]
 
     def start_epoch(_: Any) -> tuple[Any, ...]:
         epoch = _claim_op(ds)
@@ -375,19 +420,24 @@ def _gathered(
 
     def epoch_rows(epoch: Any, arrays: Any) -> tf.data.Dataset:
         def chunk_rows(c: Any) -> tf.data.Dataset:
-            rows, lengths = tf.numpy_function(
-                indices, [epoch, c], [tf.int64, tf.int32], name="bigarray_rows"
+            outs = tf.numpy_function(
+                indices,
+                [epoch, c],
+                [tf.int64] * (1 + len(moved)) + [tf.int32],
+                name="bigarray_rows",
             )
-            rows.set_shape((None, b))
-            lengths.set_shape((None,))
-            return tf.data.Dataset.from_tensor_slices((rows, lengths))
+            for t in outs[:-1]:
+                t.set_shape((None, b))
+            outs[-1].set_shape((None,))
+            return tf.data.Dataset.from_tensor_slices((tuple(outs[:-1]), outs[-1]))
 
         chunks = tf.data.Dataset.range(-(-n // per)).flat_map(chunk_rows)
-        return chunks.map(lambda rows, length: (rows, length, arrays))
+        return chunks.map(lambda idx, length: (idx, length, arrays))
 
-    def gather(rows: Any, length: Any, arrays: Any) -> Any:
-        idx = rows if full else rows[:length]
-        return _as_spec([tf.gather(a, idx) for a in arrays], spec)
+    def gather(idx: Any, length: Any, arrays: Any) -> Any:
+        idx = idx if full else tuple(i[:length] for i in idx)
+        leaves = [tf.gather(a, idx[k]) for a, k in zip(arrays, slot, strict=True)]
+        return _as_spec(leaves, spec)
 
     epochs = tf.data.Dataset.from_tensors(np.int64(0)).map(start_epoch)
     return epochs.flat_map(epoch_rows).map(
@@ -426,8 +476,11 @@ def _windowed(ds: BigArrayDataset, spec: Any, parallel: int) -> Any:
         return None
     flat_spec = flatten(spec)
     windowed: list[tuple[Any, str, Any]] = []  # (source, path, dtype), direct
-    mapped: list[Any] = []  # tensors of the others
-    order: list[tuple[bool, int]] = []  # per leaf: (windowed?, its index there)
+    mapped: list[_Mapped] = []  # the others
+    # Per leaf: (windowed?, its index there). Index arrays: 0 is the
+    # dataset's rows, then one per windowed array (its window's positions),
+    # then one per folder of shards mapped (`_Mapped.rows`).
+    order: list[tuple[bool, int]] = []
     for (src, path), leaf_spec in zip(_leaves(ds, spec), flat_spec, strict=True):
         if path in direct:
             origin = src.window_origin()
@@ -443,20 +496,27 @@ def _windowed(ds: BigArrayDataset, spec: Any, parallel: int) -> Any:
             order.append((True, len(windowed)))
             windowed.append((src, path, leaf_spec.dtype))
         else:
-            tensor = _mapped_tensor(src, leaf_spec)
-            if tensor is None:
+            m = _mapped_tensor(src, leaf_spec)
+            if m is None:
                 return None
             order.append((False, len(mapped)))
-            mapped.append(tensor)
+            mapped.append(m)
     n, b = len(ds), ds.batch_size
     per = reader._group_rows()
     last = (n - 1) // per
     full = _all_batches_full(ds)
+    k, m = len(windowed), len(mapped)
+    moved = [i for i, mp in enumerate(mapped) if mp.bounds is not None]
+    slots = [
+        1 + i if is_window else (1 + k + moved.index(i) if i in moved else 0)
+        for is_window, i in order
+    ]
+    arrays_of = [i if is_window else k + i for is_window, i in order]
     touts = (
         [dtype for _, _, dtype in windowed]
-        + [t.dtype for t in mapped]
-        + [tf.int64] * len(windowed)
-        + [tf.int64, tf.int32]
+        + [mp.tensor.dtype for mp in mapped]
+        + [tf.int64] * (1 + k + len(moved))
+        + [tf.int32]
     )
 
     @_python_call
@@ -496,30 +556,36 @@ def _windowed(ds: BigArrayDataset, spec: Any, parallel: int) -> Any:
                 tensor = tf.convert_to_tensor(_native_order(np.concatenate(parts)))
             held.append(tensor)
             positions.append(pos)
-        return [*held, *mapped, *positions, rows, lengths]
+        return [
+            *held,
+            *(mp.tensor for mp in mapped),
+            rows,
+            *positions,
+            *(mapped[i].rows(rows) for i in moved),
+            lengths,
+        ]
 
     def group_batches(epoch: Any, g: Any) -> tf.data.Dataset:
         outs = tf.py_function(group, [epoch, g], touts)
-        k, m = len(windowed), len(mapped)
         for t, (src, _, _) in zip(outs[:k], windowed, strict=True):
             t.set_shape((None, *src.shape[1:]))
-        for t, tensor in zip(outs[k : k + m], mapped, strict=True):
-            t.set_shape(tensor.shape)
-        for t in outs[k + m :]:
-            t.set_shape((None, b) if t.dtype == tf.int64 else (None,))
+        for t, mp in zip(outs[k : k + m], mapped, strict=True):
+            t.set_shape(mp.tensor.shape)
+        for t in outs[k + m : -1]:
+            t.set_shape((None, b))
+        outs[-1].set_shape((None,))
         arrays = tuple(outs[: k + m])
-        slices = (tuple(outs[k + m : -2]), outs[-2], outs[-1])
+        slices = (tuple(outs[k + m : -1]), outs[-1])
         return tf.data.Dataset.from_tensor_slices(slices).map(
-            lambda pos, rows, length: (pos, rows, length, arrays)
+            lambda idx, length: (idx, length, arrays)
         )
 
-    def gather(pos: Any, rows: Any, length: Any, arrays: Any) -> Any:
-        k = len(windowed)
-        leaves = []
-        for is_window, i in order:
-            idx = pos[i] if is_window else rows
-            idx = idx if full else idx[:length]
-            leaves.append(tf.gather(arrays[i if is_window else k + i], idx))
+    def gather(idx: Any, length: Any, arrays: Any) -> Any:
+        idx = idx if full else tuple(i[:length] for i in idx)
+        leaves = [
+            tf.gather(arrays[a], idx[sl])
+            for a, sl in zip(arrays_of, slots, strict=True)
+        ]
         return _as_spec(leaves, spec)
 
     groups = tf.data.Dataset.range(last + 1)

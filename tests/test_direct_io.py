@@ -286,7 +286,7 @@ def _windowed(ds) -> bool:
     start=st.integers(0, 5),
     shards=st.integers(1, 3),
     drop_remainder=st.booleans(),
-    parts=st.sampled_from(["x", "xy", "xy-direct", "xyw", "dict"]),
+    parts=st.sampled_from(["x", "xy", "xy-direct", "xy-shards", "xyw", "dict"]),
 )
 def test_tf_batches_gathered_from_windows_are_the_readers(
     tmp_path_factory,
@@ -304,7 +304,8 @@ def test_tf_batches_gathered_from_windows_are_the_readers(
     d = tmp_path_factory.mktemp("w")
     x = open_kind(kind, d, indexed_rows(n, (5,)))
     x.direct_io = True
-    y = open_kind("npy", d, np.arange(n, dtype=np.int64), name="y")
+    ykind = "shards" if parts == "xy-shards" else "npy"
+    y = open_kind(ykind, d, np.arange(n, dtype=np.int64), name="y")
     y.direct_io = parts == "xy-direct"
     w = open_kind("npy", d, np.linspace(0, 1, n, dtype=np.float32), name="w")
     kw = {}

@@ -22,7 +22,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import keras_bigarray as kb
-from keras_bigarray import tf_data
+from keras_bigarray import sources, tf_data
 from keras_bigarray._memory import PeakMemory
 
 tf = pytest.importorskip("tensorflow")
@@ -35,6 +35,12 @@ def write_kind(kind: str, path: Path, data: np.ndarray) -> Any:
     """`data` saved as `kind` at `path`; the `open_array` of it."""
     if kind == "memory":
         return kb.open_array(data)
+    if kind == "folder":  # shards of uneven lengths, one of them empty
+        path.mkdir()
+        cuts = [0, len(data) // 3, len(data) // 3, len(data) // 2 + 1, len(data)]
+        for i in range(len(cuts) - 1):
+            np.save(path / f"part-{i}.npy", data[cuts[i] : cuts[i + 1]])
+        return kb.open_array(str(path))
     if kind == "npy":
         np.save(path, data)
         return kb.open_array(path)
@@ -53,7 +59,7 @@ def mapped(ds: kb.BigArrayDataset) -> bool:
 @pytest.mark.filterwarnings("ignore:.*rows are left out")
 @fixture_settings(25)
 @given(
-    kind=st.sampled_from(["npy", "raw", "h5", "memory"]),
+    kind=st.sampled_from(["npy", "raw", "h5", "memory", "folder"]),
     n=st.integers(1, 90),
     batch_size=st.integers(1, 32),
     shuffle=st.sampled_from([False, "global", "block"]),
@@ -119,11 +125,13 @@ def fallback(tmp_path: Path, case: str) -> kb.BigArrayDataset:
         np.save(tmp_path / "f.npy", np.asfortranarray(data))
         with pytest.warns(UserWarning, match="Fortran order"):
             return make(str(tmp_path / "f.npy"))
-    if case == "shards":
-        (tmp_path / "shards").mkdir()
-        np.save(tmp_path / "shards" / "0.npy", data[:25])
-        np.save(tmp_path / "shards" / "1.npy", data[25:])
-        return make(str(tmp_path / "shards"))
+    if case == "shards without one grid":  # rows 128 and 4 bytes into the files
+        np.save(tmp_path / "0.npy", data[:25])
+        (tmp_path / "1.raw").write_bytes(b"head" + data[25:].tobytes())
+        odd = kb.open_array(
+            tmp_path / "1.raw", dtype="float32", shape=(-1, 4), offset=4
+        )
+        return make(sources.ShardedArray([kb.open_array(tmp_path / "0.npy"), odd]))
     if case == "misaligned":  # rows 4 bytes past alignment: TensorFlow would abort
         (tmp_path / "odd.raw").write_bytes(b"head" + data.tobytes())
         raw = tmp_path / "odd.raw"
@@ -151,7 +159,7 @@ def fallback(tmp_path: Path, case: str) -> kb.BigArrayDataset:
         "padded",
         "processes",
         "fortran",
-        "shards",
+        "shards without one grid",
         "misaligned",
         "gzip",
         "big-endian",
@@ -177,19 +185,30 @@ def test_arrays_in_memory_are_gathered_too(tmp_path: Path):
         assert_reads_like_the_reader(ds)
 
 
-def test_gathering_copies_no_rows_and_leaves_the_file(tmp_path: Path):
+@pytest.mark.parametrize("layout", ["one file", "shards"])
+def test_gathering_copies_no_rows_and_leaves_the_file(tmp_path: Path, layout: str):
     # 128 MiB of rows, gathered 64 KiB a batch: a copy of the array in the
     # pipeline (as tf.data makes of a tensor captured in its graph) would show
     # as anonymous memory; the maps are file pages, and copy-on-write.
     rows = 1 << 17
-    x = np.lib.format.open_memmap(
-        tmp_path / "x.npy", mode="w+", dtype="float32", shape=(rows, 256)
-    )
-    x[:, 0] = np.arange(rows)
-    x.flush()
-    del x
-    digest = hashlib.sha256((tmp_path / "x.npy").read_bytes()).hexdigest()
-    ds = kb.BigArrayDataset(str(tmp_path / "x.npy"), batch_size=64, shuffle=True)
+    parts = 1 if layout == "one file" else 3
+    cuts = np.linspace(0, rows, parts + 1).astype(int)
+    (tmp_path / "x").mkdir()
+    files = [tmp_path / "x" / f"part-{i}.npy" for i in range(parts)]
+    for i, f in enumerate(files):
+        x = np.lib.format.open_memmap(
+            f, mode="w+", dtype="float32", shape=(int(cuts[i + 1] - cuts[i]), 256)
+        )
+        x[:, 0] = np.arange(cuts[i], cuts[i + 1])
+        x.flush()
+        del x
+
+    def digest() -> list[str]:
+        return [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+
+    before = digest()
+    src = str(files[0] if parts == 1 else tmp_path / "x")  # a file, or a folder
+    ds = kb.BigArrayDataset(src, batch_size=64, shuffle=True)
     assert mapped(ds)
     warm = kb.BigArrayDataset(np.zeros((256, 256), "float32"), batch_size=64)
     list(warm.to_tf_dataset())  # TensorFlow's own start-up allocations
@@ -200,7 +219,7 @@ def test_gathering_copies_no_rows_and_leaves_the_file(tmp_path: Path):
             seen += int(bx.shape[0])
     assert seen == rows
     assert peak.growth < 64 << 20, f"grew {peak.growth / 2**20:.0f} MiB"
-    assert hashlib.sha256((tmp_path / "x.npy").read_bytes()).hexdigest() == digest
+    assert digest() == before
 
 
 def test_gathered_batches_prefetch_to_a_device(tmp_path: Path):

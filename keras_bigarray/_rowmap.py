@@ -1,0 +1,141 @@
+"""The rows of several files as one array in memory, without a copy: each file is
+memory-mapped (copy-on-write, so nothing reaches the file) at an address where
+its rows fall on one grid of rows. Rows of file k are then rows
+`shift[k] : shift[k] + rows[k]` of the array, with unused rows (never read)
+between files. For `tf.gather` over a folder of shards (`tf_data`): one tensor,
+each row index moved by its shard's shift.
+
+Linux (and other POSIX systems with `mmap(MAP_FIXED)` in libc) only; elsewhere,
+or where a map fails, `map_rows` returns None and callers read otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import mmap
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["map_rows"]
+
+_libc: Any = None
+
+
+def _lib() -> Any:
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        libc.munmap.restype = ctypes.c_int
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc = libc
+    return _libc
+
+
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class _Region:
+    """An address range reserved with mmap, unmapped (with every file mapped
+    into it) when the last array over it goes."""
+
+    def __init__(self, addr: int, size: int):
+        self.addr, self.size = addr, size
+
+    def __del__(self) -> None:
+        if self.addr:
+            _lib().munmap(self.addr, self.size)
+            self.addr = 0
+
+
+def _place(cursor: int, offset: int, origin: int, w: int, page: int) -> int:
+    """The first page-aligned byte at or past `cursor` where a file mapped from
+    byte 0 puts its byte `offset` (its row 0) a whole number of rows `w` past
+    `origin`; `offset - origin` must be a multiple of gcd(page, w)."""
+    g = math.gcd(page, w)
+    m = w // g
+    r = ((origin - offset) % w) // g  # page * j = origin - offset (mod w)
+    j = r * pow(page // g, -1, m) % m if m > 1 else 0
+    lo = -(-cursor // page)
+    if j < lo:
+        j += -(-(lo - j) // m) * m
+    return j * page
+
+
+def map_rows(
+    files: Sequence[tuple[str, int, int]],
+    dtype: np.dtype,
+    row_shape: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Maps `(path, byte offset of row 0, rows)` of each file so that all rows
+    lie on one grid. Returns `(array, shift)`: row i of file k is
+    `array[shift[k] + i]`. None where it cannot: no `mmap(MAP_FIXED)`, rows
+    of 0 bytes, offsets that disagree modulo gcd(page size, row bytes) (then
+    no one grid holds every file's rows), the first row's address not 64-byte
+    aligned, or a map refused (e.g. under strict overcommit).
+
+    The array is writable as `np.memmap(mode="c")` is (TensorFlow's DLPack
+    import asks for it); writes would go to private pages, never the files.
+    """
+    if not sys.platform.startswith("linux"):  # MAP_FIXED's value below is Linux's
+        return None
+    w = math.prod(row_shape) * np.dtype(dtype).itemsize
+    used = [f for f in files if f[2] > 0]
+    if not used or w == 0:
+        return None
+    page = mmap.PAGESIZE
+    g = math.gcd(page, w)
+    origin = used[0][1]  # the grid: row 0 of the first file, from byte 0
+    if origin % 64 or any((off - origin) % g for _, off, _ in used):
+        return None
+    plan, shift, cursor = [], [], 0
+    for path, offset, rows in files:
+        if rows <= 0:
+            shift.append(0)  # no row of it is ever asked for
+            continue
+        at = _place(cursor, offset, origin, w, page)
+        length = -(-(offset + rows * w) // page) * page
+        plan.append((path, at, length))
+        shift.append((at + offset - origin) // w)
+        cursor = at + length
+    try:
+        libc = _lib()
+    except OSError:  # pragma: no cover - no libc to call
+        return None
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    addr = libc.mmap(None, cursor, 0, flags, -1, 0)  # PROT_NONE: reserved only
+    if addr in (None, _MAP_FAILED):
+        return None
+    region = _Region(addr, cursor)  # unmaps everything below if we give up
+    fixed = mmap.MAP_PRIVATE | 0x10  # MAP_FIXED: inside our own reservation
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    for path, at, length in plan:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            got = libc.mmap(addr + at, length, prot, fixed, fd, 0)
+        finally:
+            os.close(fd)
+        if got != addr + at:
+            return None
+    buf = (ctypes.c_uint8 * cursor).from_address(addr)
+    buf.region = region  # the array keeps `buf`, `buf` keeps the region
+    array = np.ndarray(
+        ((cursor - origin) // w, *row_shape), dtype=dtype, buffer=buf, offset=origin
+    )
+    return array, np.array(shift, dtype=np.int64)
