@@ -84,8 +84,9 @@ def map_rows(
     lie on one grid. Returns `(array, shift)`: row i of file k is
     `array[shift[k] + i]`. None where it cannot: no `mmap(MAP_FIXED)`, rows
     of 0 bytes, offsets that disagree modulo gcd(page size, row bytes) (then
-    no one grid holds every file's rows), the first row's address not 64-byte
-    aligned, or a map refused (e.g. under strict overcommit).
+    no one grid holds every file's rows) or allow no 64-byte aligned grid
+    (TensorFlow aborts on less), or a map refused (e.g. under strict
+    overcommit).
 
     The array is writable as `np.memmap(mode="c")` is (TensorFlow's DLPack
     import asks for it); writes would go to private pages, never the files.
@@ -98,8 +99,14 @@ def map_rows(
         return None
     page = mmap.PAGESIZE
     g = math.gcd(page, w)
-    origin = used[0][1]  # the grid: row 0 of the first file, from byte 0
-    if origin % 64 or any((off - origin) % g for _, off, _ in used):
+    first = used[0][1]
+    if any((off - first) % g for _, off, _ in used):
+        return None
+    # The grid's origin (the byte of the reservation where its row 0 would
+    # start): 64-byte aligned (TensorFlow aborts on less), and congruent to
+    # every file's row 0 modulo g.
+    origin = next((x for x in range(0, 64 * g, 64) if (x - first) % g == 0), None)
+    if origin is None:
         return None
     plan, shift, cursor = [], [], 0
     for path, offset, rows in files:
@@ -107,6 +114,8 @@ def map_rows(
             shift.append(0)  # no row of it is ever asked for
             continue
         at = _place(cursor, offset, origin, w, page)
+        while at + offset < origin:  # its row 0 before the grid's: a period on
+            at += page * (w // g)
         length = -(-(offset + rows * w) // page) * page
         plan.append((path, at, length))
         shift.append((at + offset - origin) // w)
