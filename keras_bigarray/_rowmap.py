@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from keras_bigarray.sources import place_on_grid
+
 __all__ = ["map_rows"]
 
 _libc: Any = None
@@ -61,20 +63,6 @@ class _Region:
             self.addr = 0
 
 
-def _place(cursor: int, offset: int, origin: int, w: int, page: int) -> int:
-    """The first page-aligned byte at or past `cursor` where a file mapped from
-    byte 0 puts its byte `offset` (its row 0) a whole number of rows `w` past
-    `origin`; `offset - origin` must be a multiple of gcd(page, w)."""
-    g = math.gcd(page, w)
-    m = w // g
-    r = ((origin - offset) % w) // g  # page * j = origin - offset (mod w)
-    j = r * pow(page // g, -1, m) % m if m > 1 else 0
-    lo = -(-cursor // page)
-    if j < lo:
-        j += -(-(lo - j) // m) * m
-    return j * page
-
-
 def map_rows(
     files: Sequence[tuple[str, int, int]],
     dtype: np.dtype,
@@ -113,9 +101,7 @@ def map_rows(
         if rows <= 0:
             shift.append(0)  # no row of it is ever asked for
             continue
-        at = _place(cursor, offset, origin, w, page)
-        while at + offset < origin:  # its row 0 before the grid's: a period on
-            at += page * (w // g)
+        at = place_on_grid(cursor, offset, origin, w, page)
         length = -(-(offset + rows * w) // page) * page
         plan.append((path, at, length))
         shift.append((at + offset - origin) // w)

@@ -290,6 +290,23 @@ def direct_origin(offsets: Sequence[int], row_nbytes: int) -> int | None:
     return offsets[0] % _DIRECT_ALIGN if offsets else 0
 
 
+def place_on_grid(cursor: int, head: int, origin: int, w: int, align: int) -> int:
+    """The first `align`-aligned position `p >= cursor` for bytes whose byte
+    `head` starts a row, such that the row lies a whole number of rows `w`
+    past `origin`, not before it (`p + head >= origin`). `head - origin` must
+    be a multiple of gcd(align, w)."""
+    g = math.gcd(align, w)
+    m = w // g
+    r = ((origin - head) % w) // g  # align * j = origin - head (mod w)
+    j = r * pow(align // g, -1, m) % m if m > 1 else 0
+    lo = -(-cursor // align)
+    if j < lo:
+        j += -(-(lo - j) // m) * m
+    while j * align + head < origin:
+        j += m
+    return j * align
+
+
 def read_direct_files(
     files: Sequence[tuple[str, int, int, Iterable[tuple[int, int]]]],
     dtype: np.dtype,
@@ -315,8 +332,6 @@ def read_direct_files(
     origin = direct_origin([off for _, off, _, _ in merged], w)
     if origin is None or w == 0:
         raise ValueError("these files' rows cannot share one direct-I/O buffer")
-    g = math.gcd(A, w)
-    step = pow(A // g, -1, w // g) if w // g > 1 else 0
     plan: list[tuple[str, int, int, int]] = []  # (path, a0, end, base)
     starts, firsts = [], []
     cursor = 0
@@ -324,15 +339,7 @@ def read_direct_files(
         for a, b in ranges:
             start, end = offset + a * w, offset + b * w
             a0 = start - start % A
-            # base: aligned (A | base), with the range's first row a whole
-            # number of rows from the origin (w | base + start - a0 - origin).
-            r = (origin - (start - a0)) % w
-            j = (r // g) * step % (w // g)  # A*j = r (mod w)
-            lo = -(-cursor // A)  # in units of A, at or past the cursor
-            j += -(-(lo - j) // (w // g)) * (w // g) if j < lo else 0
-            base = j * A
-            if base + start - a0 < origin:  # the row before the view's first
-                base += A * (w // g)
+            base = place_on_grid(cursor, start - a0, origin, w, A)
             plan.append((path, a0, end, base))
             starts.append(first + a)
             firsts.append((base + start - a0 - origin) // w)
