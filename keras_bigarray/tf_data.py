@@ -30,7 +30,7 @@ __all__ = ["distribute_dataset", "element_spec", "for_input_context", "to_tf_dat
 # ---- calls from TensorFlow's threads into Python, and the exit -----------------------
 # A script that leaves an iteration mid-epoch and exits hung when reads were in
 # flight (measured, to_tf_dataset with per-batch reads over cold files: 2 of 2
-# exits after 5 batches of an 8 GB .npy hung, 4 of 4 after 300 of a 29 GiB
+# exits after 5 batches of an 8 GB .npy hung, 5 of 5 after 300 of a 29 GiB
 # one, 3 of 3 of a 256 MiB one; after the fix, none). As the interpreter finalizes, a
 # thread that TensorFlow called into Python loses itself at its next GIL
 # acquire, and the iterator, deleted at exit, waits for that call forever. So
