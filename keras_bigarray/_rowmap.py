@@ -63,6 +63,17 @@ class _Region:
             self.addr = 0
 
 
+def grid_origin(offsets: Sequence[int], w: int) -> int | None:
+    """Where `map_rows` puts row 0 of its grid (a byte of the reservation):
+    64-byte aligned (TensorFlow aborts on less), and congruent to every
+    file's row 0 (`offsets`) modulo gcd(page size, row bytes `w`); None
+    where no such byte is (then no one grid holds every file's rows)."""
+    g = math.gcd(mmap.PAGESIZE, w) if w else mmap.PAGESIZE
+    if not offsets or any((off - offsets[0]) % g for off in offsets):
+        return None
+    return next((x for x in range(0, 64 * g, 64) if (x - offsets[0]) % g == 0), None)
+
+
 def map_rows(
     files: Sequence[tuple[str, int, int]],
     dtype: np.dtype,
@@ -86,14 +97,7 @@ def map_rows(
     if not used or w == 0:
         return None
     page = mmap.PAGESIZE
-    g = math.gcd(page, w)
-    first = used[0][1]
-    if any((off - first) % g for _, off, _ in used):
-        return None
-    # The grid's origin (the byte of the reservation where its row 0 would
-    # start): 64-byte aligned (TensorFlow aborts on less), and congruent to
-    # every file's row 0 modulo g.
-    origin = next((x for x in range(0, 64 * g, 64) if (x - first) % g == 0), None)
+    origin = grid_origin([off for _, off, _ in used], w)
     if origin is None:
         return None
     plan, shift, cursor = [], [], 0

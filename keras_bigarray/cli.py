@@ -238,6 +238,53 @@ def _format_of(arr: Any) -> str:
     return kind
 
 
+def _tf_reads(arr: Any) -> str:
+    """How `to_tf_dataset` (and `fit` under TensorFlow) reads this array."""
+    from keras_bigarray._rowmap import grid_origin
+
+    parts = getattr(arr, "parts", None)
+    why = ""
+    if arr.compressed:
+        why = "compressed chunks are decoded"
+    elif not arr.dtype.isnative:
+        why = "the bytes are converted to native byte order"
+    elif parts is None:
+        where = arr.file_rows()
+        if where is None:
+            why = "the rows do not lie one after another in the file"
+        elif where[1] % 64:
+            why = (
+                f"the rows start at byte {where[1]} of the file, not a multiple "
+                "of 64, which TensorFlow needs"
+            )
+    else:
+        files = arr._files()
+        if files is None:
+            why = "a shard's rows do not lie one after another in its file"
+        elif (
+            grid_origin(
+                [off for (_, off), p in zip(files, parts, strict=True) if len(p)],
+                arr.row_nbytes,
+            )
+            is None
+        ):
+            why = "the shards' headers put their rows on no common aligned grid"
+    if why:
+        text = f"a Python read per batch ({why})"
+    elif parts is None:
+        text = "tf.gather from the file's memory map, no Python call per batch"
+    else:
+        text = (
+            "tf.gather from one memory map over every shard, no Python call per batch"
+        )
+    if arr.window_origin() is not None:
+        text += (
+            "; block shuffle over more than the memory available reads "
+            "direct-I/O windows"
+        )
+    return text
+
+
 def _describe(arr: Any, out: TextIO, label: str) -> tuple[str, int]:
     """Prints what `arr` is; returns the recommended `(shuffle, batch_size)`."""
     import numpy as np
@@ -303,6 +350,7 @@ def _describe(arr: Any, out: TextIO, label: str) -> tuple[str, int]:
         )
     )
     rows.append(("memory", f"{format_bytes(avail)} available"))
+    rows.append(("tf.data", _tf_reads(arr)))
     rows.append(("shuffle", f"{mode!r}: {why}"))
     rows.append(("batch_size", f"{batch}: {bwhy}"))
     print(label, file=out)

@@ -307,6 +307,8 @@ def test_inspect_npy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert _field(out, "compression") == "none"
     assert _field(out, "shuffle").startswith("'global'")
     assert _field(out, "batch_size").startswith("1024:")
+    assert _field(out, "tf.data").startswith("tf.gather from the file's memory map")
+    assert "direct-I/O windows" in _field(out, "tf.data")
 
 
 def test_inspect_raw(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -359,6 +361,10 @@ def test_inspect_hdf5(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert _field(images, "chunks") == "(32, 16, 16, 3)"
     assert _field(images, "compression") == "gzip"
     assert _field(images, "shuffle").startswith("'block': compressed")
+    assert (
+        _field(images, "tf.data")
+        == "a Python read per batch (compressed chunks are decoded)"
+    )
     labels = out.split("[train/labels]")[1]
     assert _field(labels, "chunks") == "none (contiguous)"
     assert _field(labels, "shuffle").startswith("'global'")
@@ -385,6 +391,7 @@ def test_inspect_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert _field(out, "shape") == "(310, 8)"
         assert _field(out, "format").startswith("3 shards of .npy")
         assert _field(out, "shards").startswith("3 files, 90 to 120 rows each")
+        assert _field(out, "tf.data").startswith("tf.gather from one memory map")
 
 
 def test_inspect_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
