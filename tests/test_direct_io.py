@@ -404,3 +404,16 @@ def test_shards_share_one_window_buffer_whatever_their_headers(tmp_path, row):
     assert isinstance(window, sources.RowWindow)
     rows = np.concatenate([np.arange(a, b) for a, b in sorted(ranges)])
     np.testing.assert_array_equal(window.take(rows), data[rows])
+
+
+def test_tf_windows_prefetch_to_a_device(tmp_path):
+    # The GPU path (prefetch_to_device) runs here on the CPU device.
+    pytest.importorskip("tensorflow")
+    ds = _direct_dataset(tmp_path, 300, batch_size=16, seed=6)
+    assert _windowed(ds)
+    batches = list(ds.to_tf_dataset(device="/cpu:0"))
+    assert all("CPU:0" in bx.device for bx, _ in batches)
+    ids = np.concatenate([by.numpy() for _, by in batches])
+    assert sorted(ids.tolist()) == list(range(300))
+    for bx, by in batches:
+        np.testing.assert_array_equal(row_ids(bx.numpy()), by.numpy())
