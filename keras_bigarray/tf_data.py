@@ -369,6 +369,40 @@ def _mapped_rows(src: Any, leaf_spec: tf.TensorSpec) -> Any:
     return _dlpack_tensor(rows, leaf_spec.dtype)
 
 
+def _batch_rows(
+    ds: BigArrayDataset, epoch: int, first: int, stop: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (in the sources' numbering) of batches `first:stop` of `epoch`,
+    one batch a row, zero-padded, and each batch's length. Under block
+    shuffle, hints the blocks of their windows to the OS as `reader.read`
+    does."""
+    sampler, reader = ds.sampler, ds.reader
+    rows = np.zeros((stop - first, ds.batch_size), dtype=np.int64)
+    lengths = np.zeros(stop - first, dtype=np.int32)
+    for j, i in enumerate(range(first, stop)):
+        if sampler.mode == "block":
+            reader._hint_windows(epoch, i)
+        got, _ = sampler.batch(epoch, i)
+        rows[j, : got.size] = got
+        lengths[j] = got.size
+    rows += reader.row_offset
+    return rows, lengths
+
+
+def _gather_batch(
+    idx: Any,
+    length: Any,
+    arrays: Any,
+    picks: list[tuple[int, int]],
+    full: bool,
+    spec: Any,
+) -> Any:
+    """One batch: leaf j is `tf.gather(arrays[a], idx[k])` for `(a, k) =
+    picks[j]`, each index array cut to `length` unless every batch is full."""
+    idx = idx if full else tuple(i[:length] for i in idx)
+    return _as_spec([tf.gather(arrays[a], idx[k]) for a, k in picks], spec)
+
+
 def _gathered(
     ds: BigArrayDataset, mapped: list[_Mapped], spec: Any, parallel: int
 ) -> tf.data.Dataset:
@@ -382,16 +416,14 @@ def _gathered(
     tf.data rewrites or serializes the graph (default optimizations,
     `tf.distribute`'s replication).
     """
-    sampler, reader = ds.sampler, ds.reader
     n, b = len(ds), ds.batch_size
     per = max(1, _SAMPLER_CHUNK_ROWS // b)  # one sampler chunk a Python call
     tensors = [m.tensor for m in mapped]
     touts = [t.dtype for t in tensors]
     # Index arrays: 0 is the dataset's rows; a folder of shards has its own.
     moved = [i for i, m in enumerate(mapped) if m.bounds is not None]
-    slot = [1 + moved.index(i) if i in moved else 0 for i in range(len(mapped))]
+    picks = [(i, 1 + moved.index(i) if i in moved else 0) for i in range(len(mapped))]
     full = _all_batches_full(ds)
-    block = sampler.mode == "block"
 
     @_python_call
     def the_tensors() -> list[Any]:
@@ -399,17 +431,8 @@ def _gathered(
 
     @_python_call
     def indices(epoch: np.int64, chunk: np.int64) -> list[np.ndarray]:
-        e, first = int(epoch), int(chunk) * per
-        last = min(first + per, n)
-        rows = np.zeros((last - first, b), dtype=np.int64)
-        lengths = np.zeros(last - first, dtype=np.int32)
-        for j, i in enumerate(range(first, last)):
-            if block:
-                reader._hint_windows(e, i)
-            got, _ = sampler.batch(e, i)
-            rows[j, : got.size] = got
-            lengths[j] = got.size
-        rows += reader.row_offset
+        first = int(chunk) * per
+        rows, lengths = _batch_rows(ds, int(epoch), first, min(first + per, n))
         return [rows, *(mapped[i].rows(rows) for i in moved), lengths]
 
     def start_epoch(_: Any) -> tuple[Any, ...]:
@@ -436,9 +459,7 @@ def _gathered(
         return chunks.map(lambda idx, length: (idx, length, arrays))
 
     def gather(idx: Any, length: Any, arrays: Any) -> Any:
-        idx = idx if full else tuple(i[:length] for i in idx)
-        leaves = [tf.gather(a, idx[k]) for a, k in zip(arrays, slot, strict=True)]
-        return _as_spec(leaves, spec)
+        return _gather_batch(idx, length, arrays, picks, full, spec)
 
     epochs = tf.data.Dataset.from_tensors(np.int64(0)).map(start_epoch)
     return epochs.flat_map(epoch_rows).map(
@@ -508,11 +529,12 @@ def _windowed(ds: BigArrayDataset, spec: Any, parallel: int) -> Any:
     full = _all_batches_full(ds)
     k, m = len(windowed), len(mapped)
     moved = [i for i, mp in enumerate(mapped) if mp.bounds is not None]
-    slots = [
-        1 + i if is_window else (1 + k + moved.index(i) if i in moved else 0)
+    picks = [
+        (i, 1 + i)
+        if is_window
+        else (k + i, 1 + k + moved.index(i) if i in moved else 0)
         for is_window, i in order
     ]
-    arrays_of = [i if is_window else k + i for is_window, i in order]
     touts = (
         [dtype for _, _, dtype in windowed]
         + [mp.tensor.dtype for mp in mapped]
@@ -524,14 +546,7 @@ def _windowed(ds: BigArrayDataset, spec: Any, parallel: int) -> Any:
     def group(epoch: Any, g: Any) -> list[Any]:
         e, g = int(epoch), int(g)
         first, stop = g * per, min(g * per + per, n)
-        rows = np.zeros((stop - first, b), dtype=np.int64)
-        lengths = np.zeros(stop - first, dtype=np.int32)
-        for j, i in enumerate(range(first, stop)):
-            reader._hint_windows(e, i)  # for the arrays read through their maps
-            got, _ = sampler.batch(e, i)
-            rows[j, : got.size] = got
-            lengths[j] = got.size
-        rows += reader.row_offset
+        rows, lengths = _batch_rows(ds, e, first, stop)  # hints the mapped arrays
         real = np.arange(b) < lengths[:, None]
         try:
             windows = reader._windows.get(e, g, last)
@@ -554,7 +569,7 @@ def _windowed(ds: BigArrayDataset, spec: Any, parallel: int) -> Any:
                     for r, r_real in zip(rows, real, strict=True)
                 ]
                 pos[real] = np.arange(int(lengths.sum()))
-                tensor = tf.convert_to_tensor(_native_order(np.concatenate(parts)))
+                tensor = tf.convert_to_tensor(np.concatenate(parts))
             held.append(tensor)
             positions.append(pos)
         return [
@@ -582,12 +597,7 @@ def _windowed(ds: BigArrayDataset, spec: Any, parallel: int) -> Any:
         )
 
     def gather(idx: Any, length: Any, arrays: Any) -> Any:
-        idx = idx if full else tuple(i[:length] for i in idx)
-        leaves = [
-            tf.gather(arrays[a], idx[sl])
-            for a, sl in zip(arrays_of, slots, strict=True)
-        ]
-        return _as_spec(leaves, spec)
+        return _gather_batch(idx, length, arrays, picks, full, spec)
 
     groups = tf.data.Dataset.range(last + 1)
     epochs = tf.data.Dataset.from_tensors(np.int64(0)).map(lambda _: _claim_op(ds))

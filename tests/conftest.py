@@ -164,3 +164,14 @@ def assert_reads_like_the_reader(ds: Any, epochs: int = 2) -> None:
             for g, w in zip(leaves, want, strict=True):
                 assert g.dtype == tf.as_dtype(w.dtype.newbyteorder("="))
                 np.testing.assert_array_equal(g.numpy(), w)
+
+
+def assert_prefetched_to_cpu(ds: Any, n: int) -> None:
+    """`to_tf_dataset(device="/cpu:0")` (the GPU path, on the CPU device here)
+    delivers rows 0..n-1 once each on that device, x aligned with y."""
+    batches = list(ds.to_tf_dataset(device="/cpu:0"))
+    assert all("CPU:0" in bx.device for bx, _ in batches)
+    ids = np.concatenate([by.numpy() for _, by in batches])
+    assert sorted(ids.tolist()) == list(range(n))
+    for bx, by in batches:
+        np.testing.assert_array_equal(row_ids(bx.numpy()), by.numpy())

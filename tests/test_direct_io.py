@@ -12,6 +12,7 @@ import pickle
 import numpy as np
 import pytest
 from conftest import (
+    assert_prefetched_to_cpu,
     assert_reads_like_the_reader,
     fixture_settings,
     indexed_rows,
@@ -411,9 +412,4 @@ def test_tf_windows_prefetch_to_a_device(tmp_path):
     pytest.importorskip("tensorflow")
     ds = _direct_dataset(tmp_path, 300, batch_size=16, seed=6)
     assert _windowed(ds)
-    batches = list(ds.to_tf_dataset(device="/cpu:0"))
-    assert all("CPU:0" in bx.device for bx, _ in batches)
-    ids = np.concatenate([by.numpy() for _, by in batches])
-    assert sorted(ids.tolist()) == list(range(300))
-    for bx, by in batches:
-        np.testing.assert_array_equal(row_ids(bx.numpy()), by.numpy())
+    assert_prefetched_to_cpu(ds, 300)

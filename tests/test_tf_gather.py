@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import (
+    assert_prefetched_to_cpu,
     assert_reads_like_the_reader,
     fixture_settings,
     indexed_rows,
@@ -230,9 +231,4 @@ def test_gathered_batches_prefetch_to_a_device(tmp_path: Path):
         str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), batch_size=8, seed=4
     )
     assert mapped(ds)
-    batches = list(ds.to_tf_dataset(device="/cpu:0"))
-    assert all("CPU:0" in bx.device for bx, _ in batches)
-    ids = np.concatenate([by.numpy() for _, by in batches])
-    assert sorted(ids.tolist()) == list(range(50))
-    for bx, by in batches:
-        np.testing.assert_array_equal(row_ids(bx.numpy()), by.numpy())
+    assert_prefetched_to_cpu(ds, 50)
