@@ -21,6 +21,8 @@ from keras_bigarray.sources import (
     DuckArray,
     RowWindow,
     _check_dtype,
+    batch_array,
+    copy_rows,
     direct_origin,
     gather_rows,
     read_direct,
@@ -583,7 +585,7 @@ class HDF5Array(BigArray):
         cuts = np.flatnonzero(chunk[1:] != chunk[:-1]) + 1
         first = np.concatenate(([0], cuts)).tolist()
         last = np.concatenate((cuts, [idx.size])).tolist()
-        out = np.empty((idx.size, *self.shape[1:]), dtype=self.dtype)
+        out = batch_array((idx.size, *self.shape[1:]), self.dtype)
         for a, b in zip(first, last, strict=True):
             c = int(chunk[a])
             # In range by construction; mode="raise" would copy through a buffer.
@@ -593,7 +595,7 @@ class HDF5Array(BigArray):
         return out
 
     def _read_decoded_range(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        out = batch_array((stop - start, *self.shape[1:]), self.dtype)
         rows = self._plan().rows
         if stop > start:
             for c in range(start // rows, (stop - 1) // rows + 1):
@@ -609,7 +611,7 @@ class HDF5Array(BigArray):
                 return self._read_decoded_range(start, stop)
             self._file_bytes()
             if self._local.rows is not None:
-                return np.array(self._local.rows[start:stop])
+                return copy_rows(self._local.rows[start:stop])
             return self._gather_bytes(np.arange(start, stop, dtype=np.int64))
         return np.asarray(self._dataset()[start:stop])
 
@@ -633,7 +635,7 @@ class HDF5Array(BigArray):
         first = np.concatenate(([0], starts))
         last = np.concatenate((starts, [idx.size]))
         ds = self._dataset()
-        out = np.empty((idx.size, *self.shape[1:]), dtype=self.dtype)
+        out = batch_array((idx.size, *self.shape[1:]), self.dtype)
         for a, b in zip(first.tolist(), last.tolist(), strict=True):
             lo = int(chunk[a]) * rows
             hi = min(len(self), (int(chunk[b - 1]) + 1) * rows)

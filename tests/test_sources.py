@@ -562,3 +562,64 @@ def test_glob_passes_key_and_raw_layout_to_every_shard(tmp_path: Path):
         kb.open_array(tmp_path, key="x")
     with pytest.raises(ValueError, match="apply to a path; received a list"):
         kb.open_array([str(tmp_path / "h-0.h5")], key="x")
+
+
+# ---- batch buffers ------------------------------------------------------------------
+
+
+def test_batch_buffers_are_reused_only_once_every_array_over_them_is_gone(
+    monkeypatch,
+):
+    monkeypatch.setattr(sources, "_BATCHES", sources._BatchPool())
+    shape = (sources._BATCH_POOL_MIN // 4, 2)  # 2x the pool's least size
+    a = sources.batch_array(shape, np.float32)
+    a[:] = 1.0
+    where = a.ctypes.data
+    assert where % sources._BATCH_ALIGN == 0
+    view = a[5:9].reshape(-1)  # a view outlives the batch
+    del a
+    b = sources.batch_array(shape, np.float32)
+    assert b.ctypes.data != where
+    b[:] = 2.0
+    np.testing.assert_array_equal(view, 1.0)  # untouched by the new batch
+    del view
+    c = sources.batch_array(shape, np.float32)
+    assert c.ctypes.data == where  # free again: reused
+    # Small batches are plain arrays: nothing to gain from a pool.
+    small = sources.batch_array((4, 3), np.int64)
+    assert small.flags.owndata
+
+
+def test_the_batch_pool_keeps_at_most_its_bytes(monkeypatch):
+    pool = sources._BatchPool()
+    monkeypatch.setattr(sources, "_BATCHES", pool)
+    monkeypatch.setattr(sources, "_BATCH_POOL_BYTES", 3 * (256 << 10))
+    held = [sources.batch_array((256 << 10,), np.uint8) for _ in range(5)]
+    assert pool.kept == 0
+    del held
+    assert pool.kept == 3 * (256 << 10)  # two buffers were freed, not kept
+    again = [sources.batch_array((256 << 10,), np.uint8) for _ in range(4)]
+    assert pool.kept == 0
+    assert len({a.ctypes.data for a in again}) == 4
+
+
+@pytest.mark.parametrize("kind", ["npy", "h5_chunked", "shards", "ndarray"])
+def test_batches_held_across_epochs_keep_their_rows(kind: str, tmp_path: Path):
+    # Batches big enough for pooled buffers, read by two threads and all kept
+    # while later epochs are read: a buffer reused too early would show another
+    # batch's rows.
+    n, width = 600, 256  # 1 KiB rows, batches of 100 KiB
+    data = indexed_rows(n, (width,))
+    x = open_kind(kind, tmp_path, data)
+    kept = []
+    for shuffle in ["global", "block", False]:
+        ds = kb.BigArrayDataset(
+            x, batch_size=100, shuffle=shuffle, seed=5, workers=2, block_rows=50
+        )
+        for epoch in range(3):
+            batches = [b[0] for b in ds.iterate_epoch(epoch)]
+            kept.append((ds, epoch, batches))
+    for ds, epoch, batches in kept:
+        for i, got in enumerate(batches):
+            rows, _ = ds.sampler.batch(epoch, i)
+            np.testing.assert_array_equal(got, data[rows])
