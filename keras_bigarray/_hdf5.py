@@ -506,9 +506,9 @@ class HDF5Array(BigArray):
             self._byte_plan = self._plan_direct_reads(self._dataset())
         return self._byte_plan  # type: ignore[return-value]
 
-    def will_need(self, ranges: Sequence[tuple[int, int]]) -> None:
+    def will_need(self, ranges: Sequence[tuple[int, int]]) -> bool:
         if self._byte_plan is None:  # read through h5py: no byte spans
-            return
+            return True
         plan = self._plan()
         rows, w = plan.rows, self.row_nbytes
         spans = []
@@ -520,7 +520,7 @@ class HDF5Array(BigArray):
                     lo, hi = max(a, c * rows), min(b, (c + 1) * rows)
                     at = int(plan.offsets[c]) + (lo - c * rows) * w
                     spans.append((at, (hi - lo) * w))
-        will_need(self.path, spans)
+        return will_need(self.path, spans)
 
     def _gather_bytes(self, idx: np.ndarray) -> np.ndarray:
         plan = self._plan()

@@ -203,10 +203,11 @@ _CACHED_STREAK = 4
 _CACHED_PATHS = 4096
 
 
-def will_need(path: str, spans: Iterable[tuple[int, int]]) -> None:
+def will_need(path: str, spans: Iterable[tuple[int, int]]) -> bool:
     """Starts reading `(byte offset, length)` spans of the file at `path` into
     the page cache without waiting (`posix_fadvise(WILLNEED)`). A hint: every
-    failure is silent.
+    failure is silent. Returns True when every span it checked was in the page
+    cache already (nothing to read), False otherwise.
 
     Reading a cold file through a memory map faults its pages in 128 KiB
     read-arounds, one at a time per reader thread; a hint for a whole
@@ -216,20 +217,20 @@ def will_need(path: str, spans: Iterable[tuple[int, int]]) -> None:
     shards, whose memory maps hold one each already.
     """
     if not hasattr(os, "posix_fadvise"):  # pragma: no cover - not Linux
-        return
+        return False
     spans = [(a, n) for a, n in spans if n > 0]
     if not spans:
-        return
+        return True
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
+        return False
     streak = _CACHED_CALLS.get(path, 0)
     try:
         if streak >= _CACHED_STREAK and all(
             _page_cached(fd, a, n) for a, n in (spans[0], spans[-1])
         ):
-            return
+            return True
         missing = 0
         for offset, length in spans:
             if not _page_cached(fd, offset, length):
@@ -238,8 +239,9 @@ def will_need(path: str, spans: Iterable[tuple[int, int]]) -> None:
         if len(_CACHED_CALLS) >= _CACHED_PATHS:  # many shards: start over
             _CACHED_CALLS.clear()
         _CACHED_CALLS[path] = 0 if missing else streak + 1
+        return not missing
     except OSError:
-        pass
+        return False
     finally:
         os.close(fd)
 
@@ -598,11 +600,14 @@ class BigArray(abc.ABC):
             return self._read_range(first, last + 1)
         return self._read_sorted(idx)
 
-    def will_need(self, ranges: Sequence[tuple[int, int]]) -> None:
+    def will_need(self, ranges: Sequence[tuple[int, int]]) -> bool:
         """Hints that rows `[a, b)` of each range will be read soon, so the OS
         can start reading them from disk now. Does nothing where the source
-        cannot tell (in memory, through h5py or a duck array)."""
+        cannot tell (in memory, through h5py or a duck array). Returns True
+        when there was nothing to read ahead (the rows' bytes were in memory
+        already, or the source cannot hint), False otherwise."""
         del ranges  # a hint: sources that cannot act on it ignore it
+        return True
 
     # Whether block shuffle reads each window's blocks with direct I/O (see
     # `read_direct`), where the format allows it (`.npy`, raw files, folders
@@ -748,11 +753,12 @@ class _MemmapArray(BigArray):
     def _read_range(self, start: int, stop: int) -> np.ndarray:
         return copy_rows(self._map()[start:stop])
 
-    def will_need(self, ranges: Sequence[tuple[int, int]]) -> None:
+    def will_need(self, ranges: Sequence[tuple[int, int]]) -> bool:
         if self.fortran_order:  # rows are scattered: no useful span
-            return
+            return True
         w = self.row_nbytes
-        will_need(self.path, ((self.offset + a * w, (b - a) * w) for a, b in ranges))
+        spans = ((self.offset + a * w, (b - a) * w) for a, b in ranges)
+        return will_need(self.path, spans)
 
     @property
     def direct_capable(self) -> bool:
@@ -1031,9 +1037,9 @@ class ShardedArray(BigArray):
             if mine:
                 yield k, part, mine
 
-    def will_need(self, ranges: Sequence[tuple[int, int]]) -> None:
-        for _, part, mine in self._split_ranges(ranges):
-            part.will_need(mine)
+    def will_need(self, ranges: Sequence[tuple[int, int]]) -> bool:
+        cached = [part.will_need(mine) for _, part, mine in self._split_ranges(ranges)]
+        return all(cached)
 
     @property
     def direct_capable(self) -> bool:

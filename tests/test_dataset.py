@@ -516,6 +516,39 @@ def test_hints_of_a_file_found_cached_check_less(tmp_path, monkeypatch):
     assert sources._CACHED_CALLS[path] == 0
 
 
+@_LINUX_HINTS
+def test_a_reader_hints_files_in_the_page_cache_rarely(tmp_path, monkeypatch):
+    # Windows found cached _HINT_STREAK times in a row: one in _HINT_RECHECK is
+    # hinted from then on. A file that leaves the page cache is hinted every
+    # window again from the next check.
+    from keras_bigarray import reading
+
+    cold = [False]
+    calls: list[int] = []
+
+    def will_need(path, spans):
+        calls.append(len(list(spans)))
+        return not cold[0]
+
+    monkeypatch.setattr(sources, "will_need", will_need)
+    x = open_kind("npy", tmp_path, indexed_rows(4096, (2,)))
+    ds = kb.BigArrayDataset(
+        x, batch_size=8, shuffle="block", block_rows=8, shuffle_window=2, seed=1
+    )
+    windows = len(ds) // 2  # a window is 2 blocks of 8 rows: 2 batches
+    ids = np.concatenate([row_ids(b[0]) for b in ds.iterate_epoch(0)])
+    assert sorted(ids.tolist()) == list(range(4096))  # skipping reads the same
+    streak, every = reading._HINT_STREAK, reading._HINT_RECHECK
+    # A window hinted after skipped ones hints its own group and the next.
+    assert streak + 1 <= len(calls) <= 2 * (streak + 1 + windows // every + 1)
+    assert len(calls) < windows / 2
+    cold[0] = True
+    calls.clear()
+    for _ in ds.iterate_epoch(1):
+        pass
+    assert len(calls) >= windows - every  # every window, after the next check
+
+
 def test_failing_hints_change_nothing(tmp_path, monkeypatch):
     def fadvise(*_):
         raise OSError(22, "Invalid argument")
