@@ -205,6 +205,7 @@ for _spe in (1, 32):
             ["memmap", "pydataset", "recipe"],
             1.0,
             more=True,
+            limit="ram_gather",
         ),
     ]
 TARGETS += [
