@@ -232,3 +232,32 @@ def test_gathered_batches_prefetch_to_a_device(tmp_path: Path):
     )
     assert mapped(ds)
     assert_prefetched_to_cpu(ds, 50)
+
+
+@pytest.mark.parametrize("kind", ["gzip", "misaligned"])
+def test_per_batch_reads_kept_as_tensors_keep_their_rows(tmp_path: Path, kind: str):
+    # Batches of 128 KiB come from reused buffers (`sources.batch_array`);
+    # TensorFlow may take one without a copy, and then holds the array. Every
+    # batch of three epochs is kept while the next are read: a buffer reused
+    # too early would show another batch's rows.
+    n, row = 1024, (256,)
+    data = indexed_rows(n, row, "float32")
+    if kind == "gzip":
+        with h5py.File(tmp_path / "x.h5", "w") as f:
+            f.create_dataset("x", data=data, chunks=(64, *row), compression="gzip")
+        x = kb.open_array(str(tmp_path / "x.h5"), key="x")
+    else:  # rows 4 bytes past an aligned address: no tensor over the file
+        (tmp_path / "x.raw").write_bytes(b"\0" * 4 + data.tobytes())
+        x = kb.open_array(
+            str(tmp_path / "x.raw"), dtype="float32", shape=(-1, *row), offset=4
+        )
+    ds = kb.BigArrayDataset(x, batch_size=128, shuffle=True, seed=4)
+    assert not mapped(ds)
+    assert 128 * x.shape[1] * 4 >= sources._BATCH_POOL_MIN
+    tfds = ds.to_tf_dataset()
+    kept = [[b[0] for b in tfds] for _ in range(3)]
+    for epoch, batches in enumerate(kept):
+        assert len(batches) == len(ds)
+        for i, got in enumerate(batches):
+            rows, _ = ds.sampler.batch(epoch, i)
+            np.testing.assert_array_equal(got.numpy(), data[rows])
