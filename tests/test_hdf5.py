@@ -784,3 +784,39 @@ def test_inspect_says_who_decodes(layouts: tuple[Path, np.ndarray]):
     assert fmt["gzip"].endswith("chunks decoded by keras-bigarray")
     assert fmt["lzf"].endswith("read through h5py")
     assert cli._format_of(kb.open_array(path, key="chunked")).endswith("file's bytes")
+
+
+@pytest.mark.parametrize("name", ["chunked", "gzip", "lzf"])
+def test_threads_share_one_map_and_one_h5py_file(
+    layouts: tuple[Path, np.ndarray], name: str, monkeypatch
+):
+    # tf.data calls Python from its own threads, each call with a fresh
+    # thread state: handles kept per thread were opened again for every batch.
+    # Here every batch is read by a new thread; the file is mapped (or opened
+    # through h5py) once.
+    import threading
+
+    path, data = layouts
+    opened: list[str] = []
+    memmap, file = np.memmap, h5py.File
+
+    class CountingMemmap(np.memmap):
+        def __new__(cls, *args: Any, **kw: Any) -> Any:
+            opened.append("map")
+            return memmap.__new__(memmap, *args, **kw)
+
+    def counting_file(*args: Any, **kw: Any) -> Any:
+        opened.append("h5py")
+        return file(*args, **kw)
+
+    x = kb.open_array(str(path), key=name)
+    monkeypatch.setattr(np, "memmap", CountingMemmap)
+    monkeypatch.setattr(h5py, "File", counting_file)
+    got = []
+    for i in range(8):
+        t = threading.Thread(target=lambda i=i: got.append((i, x[i * 5 : i * 5 + 5])))
+        t.start()
+        t.join()
+    assert len(opened) <= 1, opened
+    for i, rows in got:
+        np.testing.assert_array_equal(rows, data[i * 5 : i * 5 + 5])
