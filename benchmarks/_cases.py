@@ -67,6 +67,9 @@ class Config:
     huge_bytes: int | None = None
     huge_fraction_of_ram: float = 1.25
     gpu_steps: int = 200
+    # The GPU case's device: None picks the first GPU, or skips the case
+    # without one; "/cpu:0" runs the case's code where there is no GPU.
+    gpu_device: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -1068,12 +1071,17 @@ def case_gpu(cfg: Config) -> CaseResult:
         "model.fit step time (second epoch) fed by to_tf_dataset(device='/gpu:0') "
         "against the same model fed one batch that already lives on the GPU.",
     )
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        case.skipped = "no GPU (tf.config.list_physical_devices('GPU') is empty)"
-        return case
+    device = cfg.gpu_device
+    if device is None:
+        gpus = tf.config.list_physical_devices("GPU")
+        if not gpus:
+            case.skipped = "no GPU (tf.config.list_physical_devices('GPU') is empty)"
+            return case
+        device, name = "/gpu:0", gpus[0].name
+    else:
+        name = f"{device} (--gpu-device)"
     B, pair, n, steps, rb, xm, ym = _fit_data(cfg)
-    with tf.device("/gpu:0"):
+    with tf.device(device):
         bx = tf.constant(np.array(xm[:B]))
         by = tf.constant(np.array(ym[:B]))
 
@@ -1091,7 +1099,7 @@ def case_gpu(cfg: Config) -> CaseResult:
 
     def prefetched(_r: int) -> Measurement:
         return measure(
-            lambda: _fit_dataset(cfg, pair, n).to_tf_dataset(device="/gpu:0"),
+            lambda: _fit_dataset(cfg, pair, n).to_tf_dataset(device=device),
             {},
         )
 
@@ -1101,19 +1109,19 @@ def case_gpu(cfg: Config) -> CaseResult:
             "data already on the GPU (limit)",
             False,
             on_device,
-            "one batch on /gpu:0, repeated",
+            f"one batch on {device}, repeated",
             "DATA ON DEVICE",
         ),
         Variant(
             "ours_device",
-            "ours: to_tf_dataset(device='/gpu:0')",
+            f"ours: to_tf_dataset(device='{device}')",
             True,
             prefetched,
             "prefetch_to_device",
             "OURS DEVICE PREFETCH",
         ),
     ]
-    case.description += f" {gpus[0].name}, {steps} steps an epoch, batch {B}."
+    case.description += f" {name}, {steps} steps an epoch, batch {B}."
     return interleave(case, variants, cfg.fit_repeats)
 
 

@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="size of the --huge file (default 1.25x RAM)",
     )
+    p.add_argument(
+        "--gpu-device",
+        default=None,
+        help="the GPU case's device (default: the first GPU, or the case is "
+        "skipped; /cpu:0 runs the case's code on a machine without a GPU)",
+    )
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -160,6 +166,7 @@ def make_config(args: argparse.Namespace) -> tuple[object, list[str]]:
         min_seconds=0.0 if q else 1.0,
         huge=args.huge,
         huge_bytes=args.huge_size,
+        gpu_device=args.gpu_device,
     )
     notes = [
         f"data folder: {data_dir}",

@@ -193,3 +193,19 @@ def test_run_bench_threads_and_time_limit() -> None:
     # A tiny time budget still reads one batch per mode.
     rows, _ = run_bench(x, batch_size=128, batches=10, seconds=1e-9)
     assert all(r.batches == 1 for r in rows)
+
+
+def test_the_gpu_case_runs_on_the_cpu_device(tmp_path: Path) -> None:
+    # CI has no GPU: the case's code runs on /cpu:0 instead, so a machine that
+    # has one does not meet it for the first time.
+    out = tmp_path / "RESULTS.md"
+    args = ["--quick", "--cases", "gpu", "--gpu-device", "/cpu:0"]
+    proc = _run([*args, "--out", str(out), "--data-dir", str(tmp_path / "d")], 300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    case = json.loads(out.with_suffix(".json").read_text())["cases"]["gpu"]
+    assert not case["skipped"]
+    assert "/cpu:0 (--gpu-device)" in case["description"]
+    assert [v["key"] for v in case["variants"]] == ["on_device", "ours_device"]
+    for v in case["variants"]:
+        assert not v["error"] and v["measurements"], v
+    assert "GPU: step time within 5%" in out.read_text()
