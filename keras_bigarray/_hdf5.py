@@ -184,7 +184,9 @@ class _Handles:
         self.rows: np.ndarray | None = None
         self.items: np.ndarray | None = None
         self.ds: Any = None
-        self.lock = threading.Lock()
+        # Reentrant: mapping the file may first open it through h5py to find
+        # where the chunks lie (a plan left out of a pickle), under the lock.
+        self.lock = threading.RLock()
 
 
 class _ChunkCache:

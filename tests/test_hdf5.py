@@ -820,3 +820,31 @@ def test_threads_share_one_map_and_one_h5py_file(
     assert len(opened) <= 1, opened
     for i, rows in got:
         np.testing.assert_array_equal(rows, data[i * 5 : i * 5 + 5])
+
+
+@pytest.mark.parametrize("name", ["chunked", "gzip"])
+def test_a_plan_left_out_of_the_pickle_is_rebuilt_on_first_read(
+    layouts: tuple[Path, np.ndarray], name: str, monkeypatch
+):
+    # The first read maps the file under the handles' lock, and finding where
+    # the chunks lie opens the file through h5py under the same lock: it must
+    # not wait for itself. Read in a thread: a hang fails the test instead.
+    import threading
+
+    from keras_bigarray import _hdf5
+
+    path, data = layouts
+    monkeypatch.setattr(_hdf5, "_PICKLED_PLAN_CHUNKS", 0)  # every plan left out
+    x = pickle.loads(pickle.dumps(kb.open_array(str(path), key=name)))
+    assert x._byte_plan == _hdf5._REBUILD
+    got: list[np.ndarray] = []
+
+    def first_read() -> None:
+        x._file_bytes()  # the map first, as any read path may come to it
+        got.append(x[3:20])
+
+    t = threading.Thread(target=first_read, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "the first read after unpickling hung"
+    np.testing.assert_array_equal(got[0], data[3:20])
