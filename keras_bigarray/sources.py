@@ -138,18 +138,9 @@ def batch_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return np.ndarray(shape, dtype=dtype, buffer=slot)
 
 
-def _reset_batch_pool() -> None:  # in a forked child: its lock may have been held
-    global _BATCHES
-    _BATCHES = _BatchPool()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_batch_pool)
-
-
 def take_rows(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """`np.take(rows, idx, axis=0)` of a C-contiguous array at sorted,
-    in-range `idx`, into a batch buffer."""
+    """`np.take(rows, idx, axis=0)` at sorted, in-range `idx`, into a batch
+    buffer (numpy copies a source that is not C-contiguous first)."""
     if idx.size and (idx[0] < 0 or idx[-1] >= rows.shape[0]):
         bad = int(idx[0]) if idx[0] < 0 else int(idx[-1])
         raise IndexError(f"row {bad} is out of range for {rows.shape[0]} rows")
@@ -340,14 +331,15 @@ _POOL_KEEP = 8
 _POOL_STEP = 8 << 20  # sizes rounded up to this, so that buffers fit more windows
 
 
-def _reset_pool() -> None:  # in a forked child: its lock may have been held
-    global _POOL_LOCK
+def _reset_pools() -> None:  # in a forked child: their locks may have been held
+    global _POOL_LOCK, _BATCHES
     _POOL_LOCK = threading.Lock()
     _POOL.clear()
+    _BATCHES = _BatchPool()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_pool)
+    os.register_at_fork(after_in_child=_reset_pools)
 
 
 def _window_buffer(nbytes: int) -> tuple[np.ndarray, _Lease]:
@@ -950,9 +942,7 @@ class MemoryArray(BigArray):
         return copy_rows(self.array[start:stop])
 
     def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
-        if self.array.flags.c_contiguous:
-            return take_rows(self.array, idx)
-        return np.take(self.array, idx, axis=0)
+        return take_rows(self.array, idx)
 
 
 class DuckArray(BigArray):
